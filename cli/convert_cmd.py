@@ -1,0 +1,80 @@
+"""`moeconv convert SRC OUT`: dense -> MoE."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
+from moeconv.convert import ConvertPlan, convert
+from moeconv.io.load import resolve_device
+from moeconv.recipe import load_recipe
+
+
+def _plan_table(plan: ConvertPlan) -> Table:
+    table = Table(title=f"plan: {plan.source}", show_header=False)
+    rows = [
+        ("family", plan.family),
+        ("layers", str(plan.layers)),
+        ("FFN", f"{plan.d_model} -> {plan.d_ff}"),
+        ("experts", f"{plan.experts} x {plan.expert_size} neurons, top-{plan.top_k}, shared {plan.shared_size}"),
+        ("parameters", f"{plan.total_params / 1e6:.2f}M total, {plan.active_params / 1e6:.2f}M active per token"),
+        ("output", f"{plan.output_bytes / 2**20:.1f} MiB in {len(plan.shards)} shard(s), {plan.dtype}"),
+        ("calibration", f"{plan.calibration_tokens} tokens"),
+        ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
+        ("tensors", f"{len(plan.tensors)} (first: {', '.join(plan.tensors[:3])} ...)"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@guarded
+def convert_command(
+    src: Annotated[str, typer.Argument(help="dense model: a folder, a .gguf file, or a Hub id when online")],
+    out: Annotated[Path, typer.Argument(help="output folder (written to OUT.partial/ first)")],
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe, e.g. configs/dot-moe.yaml")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="number of experts E")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="experts per token k")] = None,
+    method: Annotated[Optional[str], typer.Option(help="partitioner: random, kmeans, coact, dot")] = None,
+    shared_neurons: Annotated[Optional[int], typer.Option(help="always-active neurons")] = None,
+    scoring: Annotated[Optional[str], typer.Option(help="router scoring: none, softmax, sigmoid")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
+    calib_tokens: Annotated[Optional[int], typer.Option(help="calibration tokens")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="calibration window length")] = None,
+    no_router_training: Annotated[bool, typer.Option(help="keep an untrained router (only for top_k == experts)")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="output dtype: auto, float32, bfloat16, float16")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="e.g. 1GB, 200MB")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan, write nothing")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable result on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
+) -> None:
+    """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
+    setup_logging(verbose, quiet)
+    overrides = {
+        "experts": experts, "top_k": top_k, "partition.method": method, "shared_neurons": shared_neurons,
+        "scoring": scoring, "calibration.source": calib, "calibration.tokens": calib_tokens,
+        "calibration.seqlen": seqlen, "dtype": dtype, "max_shard_size": max_shard_size, "seed": seed,
+        "train_router": False if no_router_training else None,
+    }
+    resolved = load_recipe(recipe, overrides)
+    with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:
+        result = convert(src, out, resolved, force=force, resume=resume, dry_run=dry_run,
+                         device=resolve_device(device), progress=progress)
+    if isinstance(result, ConvertPlan):
+        emit_json(asdict(result)) if json_out else stdout.print(_plan_table(result))
+        return
+    if json_out:
+        emit_json({"out": str(out), **result})
+    elif not quiet:
+        p = result["parameters"]
+        stdout.print(f"wrote {out}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active per token")

@@ -1,0 +1,140 @@
+"""Run a dense model one decoder layer at a time on calibration windows, capturing each FFN's inputs.
+
+Only the embeddings, the final norm and the current decoder layer are materialised: the rest of
+the model stays on the meta device, so memory is bounded by one layer plus the activations.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoModelForCausalLM
+
+from moeconv.calib.sources import TextSource
+from moeconv.errors import DataError
+from moeconv.io.adapters import FamilyAdapter
+from moeconv.io.readers import CheckpointReader
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for a decoder layer: records the extra arguments the model passes it."""
+
+    def __init__(self, layer: torch.nn.Module, store: dict, index: int, last: bool):
+        super().__init__()
+        self.layer, self.store, self.index, self.last = layer, store, index, last
+        self.attention_type = getattr(layer, "attention_type", None)  # gemma picks masks by this
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.store[self.index] = (args[1:], kwargs)
+        if self.index == 0:
+            self.store["embeddings"] = hidden
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def tokenize_windows(tokenizer, source: TextSource, tokens: int, seqlen: int) -> torch.Tensor:
+    """The first `tokens` tokens of the source (rounded up to whole windows).  -> [n, seqlen]"""
+    windows = -(-tokens // seqlen)
+    need = windows * seqlen
+    ids: list[int] = []
+    text = source.text
+    step = max(4 * need, 1 << 16)
+    for start in range(0, len(text), step):  # tokenize only as much text as the budget needs
+        ids.extend(tokenizer(text[start : start + step], add_special_tokens=False)["input_ids"])
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise DataError(
+            f"calibration text '{source.name}' has {len(ids)} tokens but {need} are needed "
+            f"({windows} windows of {seqlen}); pass more text or lower --calib-tokens / the seqlen"
+        )
+    return torch.tensor(ids[:need]).view(windows, seqlen)
+
+
+class LayerRunner:
+    """Walks the dense model layer by layer: hidden states in, FFN inputs and hidden states out."""
+
+    def __init__(self, reader: CheckpointReader, adapter: FamilyAdapter, windows: torch.Tensor, batch_size: int = 8,
+                 device: torch.device = torch.device("cpu")):
+        self.reader, self.adapter, self.device = reader, adapter, device
+        config = reader.config
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        for name, _ in list(self.model.named_buffers()):  # rotary tables etc. are real, move them
+            set_module_tensor_to_device(self.model, name, device)
+        layer0 = adapter.ffn_path.split(".{i}")[0]
+        self.layers = self.model.get_submodule(layer0)
+        self.layer_prefix = layer0
+        self.ffn_suffix = adapter.ffn_path.split("{i}.")[1]
+        for name, _ in self.model.named_parameters():
+            if not name.startswith(layer0 + ".") and reader.has(name):
+                set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
+        self.batches = list(windows.split(batch_size))
+        self.hidden, self.layer_args = self._catch_inputs()
+
+    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Embeddings of every batch, and the per-layer extra arguments for each batch shape."""
+        originals = list(self.layers)
+        hidden, args_by_size = [], {}
+        try:
+            for batch in self.batches:
+                store: dict = {}
+                for i, layer in enumerate(originals):
+                    self.layers[i] = _Catcher(layer, store, i, last=i == len(originals) - 1)
+                try:
+                    with torch.inference_mode():
+                        self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+                hidden.append(store.pop("embeddings").to("cpu").clone())
+                args_by_size.setdefault(batch.shape[0], store)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        return hidden, args_by_size
+
+    def _materialize(self, index: int) -> torch.nn.Module:
+        prefix = f"{self.layer_prefix}.{index}."
+        layer = self.layers[index]
+        for name, _ in list(layer.named_parameters()):
+            set_module_tensor_to_device(self.model, prefix + name, self.device, value=self.reader.get(prefix + name).float())
+        return layer
+
+    def run_layer(self, index: int, capture: bool = True) -> torch.Tensor | None:
+        """Advance the hidden states through layer `index`; return its FFN inputs [T, d] (on CPU)."""
+        layer = self._materialize(index)
+        captured: list[torch.Tensor] = []
+        hook = None
+        if capture:
+            ffn = layer.get_submodule(self.ffn_suffix)
+            hook = ffn.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]).cpu()))
+        try:
+            with torch.inference_mode():
+                for b, h in enumerate(self.hidden):
+                    args, kwargs = self.layer_args[h.shape[0]][index]
+                    out = layer(h.to(self.device), *args, **kwargs)
+                    self.hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+        finally:
+            if hook is not None:
+                hook.remove()
+            layer.to("meta")
+        return torch.cat(captured) if capture else None
+
+    def state(self) -> torch.Tensor:
+        """Hidden states entering the next layer, for resume.  [n, seqlen, d]"""
+        return torch.cat(self.hidden)
+
+    def restore(self, hidden: torch.Tensor) -> None:
+        sizes = [h.shape[0] for h in self.hidden]
+        self.hidden = list(hidden.split(sizes))

@@ -1,0 +1,276 @@
+"""`convert`: stream a dense checkpoint into a moeconv MoE checkpoint, one decoder layer at a time."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeconv.calib.capture import LayerRunner, tokenize_windows
+from moeconv.calib.sources import load_text
+from moeconv.errors import CheckpointError, MoeconvError, RecipeError
+from moeconv.io.adapters import FamilyAdapter, adapter_for
+from moeconv.io.layout import LayerLayout, moe_settings, output_config
+from moeconv.io.readers import CheckpointReader, open_checkpoint
+from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
+from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
+from moeconv.partition import get_partitioner
+from moeconv.recipe import ConvertRecipe, dump_recipe, parse_size
+from moeconv.stages import LayerContext, build_block, run_layer_stages
+
+log = logging.getLogger(__name__)
+HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ProgressEvent:
+    """What the pipeline is doing: `(layer i/N) stage`."""
+
+    stage: str
+    layer: int | None = None
+    layers: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class ConvertPlan:
+    """Everything decided before any compute: shown by --dry-run."""
+
+    source: str
+    family: str
+    layers: int
+    d_model: int
+    d_ff: int
+    experts: int
+    top_k: int
+    expert_size: int
+    shared_size: int
+    dtype: str
+    shards: list[list[int]]
+    unit_bytes: list[int]
+    calibration_tokens: int
+    total_params: int
+    active_params: int
+    peak_bytes_estimate: int
+    tensors: list[str]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(self.unit_bytes)
+
+
+def _check_paths(src: str, out: Path) -> None:
+    src_path = Path(src).expanduser().resolve()
+    target = out.expanduser().resolve()
+    if src_path.exists() and (target == src_path or src_path in target.parents or target in src_path.parents):
+        raise MoeconvError(f"OUT {out} overlaps the source {src}; choose an OUT outside the source so the input stays untouched")
+
+
+def _check_weights_finite(reader: CheckpointReader, names: list[str]) -> None:
+    for name in names:
+        t = reader.get(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"source tensor '{name}' contains NaN or Inf; fix the source checkpoint first")
+
+
+def _output_dtype(recipe: ConvertRecipe, reader: CheckpointReader) -> str:
+    if recipe.dtype != "auto":
+        return recipe.dtype
+    source = getattr(reader.config, "dtype", None) or getattr(reader.config, "torch_dtype", None)
+    name = str(source).replace("torch.", "") if source is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def validate(recipe: ConvertRecipe, adapter: FamilyAdapter, reader: CheckpointReader) -> tuple[int, int]:
+    """(expert_size, shared_size) or a RecipeError naming the fix."""
+    d_ff = adapter.d_ff(reader.config)
+    routed = d_ff - recipe.shared_neurons
+    if recipe.shared_neurons >= d_ff:
+        raise RecipeError(f"shared_neurons={recipe.shared_neurons} leaves no routed neurons (FFN width {d_ff})")
+    if routed % recipe.experts:
+        valid = [e for e in range(2, min(routed, 256) + 1) if routed % e == 0]
+        raise RecipeError(f"{recipe.experts} experts do not divide the {routed} routed FFN neurons; valid expert counts: {valid}")
+    if not 1 <= recipe.top_k <= recipe.experts:
+        raise RecipeError(f"top_k={recipe.top_k} must be between 1 and experts={recipe.experts}")
+    get_partitioner(recipe.partition.method, recipe.partition.options)  # unknown method / options fail here
+    return routed // recipe.experts, recipe.shared_neurons
+
+
+def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe: ConvertRecipe) -> tuple[ConvertPlan, LayerLayout]:
+    expert_size, shared_size = validate(recipe, adapter, reader)
+    dtype = _output_dtype(recipe, reader)
+    layout = LayerLayout(reader, adapter, moe_settings(recipe, adapter, reader.config, expert_size, shared_size), DTYPES[dtype])
+    unit_bytes = [layout.unit_bytes(u) for u in range(layout.num_units)]
+    shards = plan_shards(unit_bytes, parse_size(recipe.max_shard_size))
+    layer_bytes = max(unit_bytes[1:], default=0) * 4 // DTYPES[dtype].itemsize
+    calib = recipe.calibration.tokens if recipe.needs_calibration(get_partitioner(recipe.partition.method).needs_calibration) else 0
+    d = layout.d_model
+    shard_bytes = max(sum(unit_bytes[u] for u in s) for s in shards)
+    peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0]
+    total, active = layout.parameter_counts()
+    plan = ConvertPlan(
+        source=src, family=reader.config.model_type, layers=layout.num_layers, d_model=d, d_ff=adapter.d_ff(reader.config),
+        experts=recipe.experts, top_k=recipe.top_k, expert_size=expert_size, shared_size=shared_size, dtype=dtype,
+        shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib, total_params=total, active_params=active,
+        peak_bytes_estimate=peak, tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
+    )
+    return plan, layout
+
+
+def fingerprint(reader: CheckpointReader, recipe: ConvertRecipe, calib_fp: str) -> str:
+    blob = json.dumps({"source": reader.fingerprint(), "recipe": recipe.model_dump(mode="json"), "calib": calib_fp}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def convert(
+    src: str,
+    out: str | Path,
+    recipe: ConvertRecipe,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    device: torch.device = torch.device("cpu"),
+    progress: ProgressFn = lambda e: None,
+) -> ConvertPlan | dict:
+    """Convert SRC into a MoE checkpoint at OUT.  Returns the plan (dry run) or the provenance."""
+    out = Path(out)
+    _check_paths(src, out)
+    progress(ProgressEvent("reading source"))
+    reader = open_checkpoint(src)
+    adapter = adapter_for(reader.config)
+    plan, layout = make_plan(src, reader, adapter, recipe)
+    if dry_run:
+        return plan
+    if out.exists() and not force:
+        raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
+    _check_weights_finite(reader, [n for i in range(plan.layers) for n in adapter.ffn_tensor_names(i, reader.config)])
+
+    runner, calib_fp = None, "none"
+    if plan.calibration_tokens:
+        progress(ProgressEvent("tokenizing calibration text"))
+        from transformers import AutoTokenizer
+
+        text = load_text(recipe.calibration.source, recipe.calibration.text_field)
+        tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
+        windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
+        calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
+    partial = PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force)
+    try:
+        return _run(reader, adapter, recipe, plan, layout, partial, windows if plan.calibration_tokens else None, calib_fp, device, progress)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise no_space_error(partial.path) from None
+        raise
+
+
+def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
+    todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
+    first_layer = min((u - 1 for s in todo for u in plan.shards[s] if u > 0), default=plan.layers)
+    runner = None
+    if windows is not None and todo:
+        progress(ProgressEvent("embedding calibration windows"))
+        runner = LayerRunner(reader, adapter, windows, device=device)
+        resume_state = partial.path / f"hidden-{first_layer}.safetensors"
+        if first_layer > 0 and resume_state.is_file():
+            runner.restore(load_file(str(resume_state))["hidden"])
+        else:
+            for i in range(first_layer):  # states were not kept: recompute them
+                progress(ProgressEvent("replaying dense layer", i, plan.layers))
+                runner.run_layer(i, capture=False)
+    metrics_file = partial.path / "layer-metrics.json"
+    metrics: dict[str, dict[str, float]] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    partitioner = get_partitioner(recipe.partition.method, recipe.partition.options)
+    for s in todo:
+        tensors: dict[str, torch.Tensor] = {}
+        for unit in plan.shards[s]:
+            if unit == 0:
+                tensors.update(layout.global_tensors())
+                continue
+            i = unit - 1
+            ctx = LayerContext(index=i, layers=plan.layers, ffn=adapter.read_ffn(reader.get, i, reader.config),
+                               recipe=recipe, moe=layout.moe, generator=torch.Generator().manual_seed(recipe.seed * 100003 + i))
+            if runner is not None:
+                progress(ProgressEvent("capture", i, plan.layers))
+                ctx.calib = runner.run_layer(i)
+            run_layer_stages(ctx, partitioner, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
+            metrics[str(i)] = ctx.metrics
+            progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
+            tensors.update(layout.layer_tensors(i, build_block(ctx, layout.d_model)))
+        progress(ProgressEvent("writing " + names[s]))
+        partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
+        partial.write_shard(names[s], tensors)
+        last_layer = max(plan.shards[s]) - 1
+        if runner is not None and last_layer + 1 < plan.layers:
+            save_file({"hidden": runner.state()}, str(partial.path / f"hidden-{last_layer + 1}.safetensors"))
+        for stale in partial.path.glob("hidden-*.safetensors"):
+            if stale.name != f"hidden-{last_layer + 1}.safetensors":
+                stale.unlink()
+    for stale in [*partial.path.glob("hidden-*.safetensors"), metrics_file]:
+        stale.unlink(missing_ok=True)
+    return _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, progress)
+
+
+def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, progress) -> dict:
+    progress(ProgressEvent("writing config, code and tokenizer"))
+    weight_map = {t: names[s] for s, units in enumerate(plan.shards) for u in units for t in layout.unit_names(u)}
+    partial.write_index(weight_map, plan.output_bytes)
+    partial.write_text("config.json", json.dumps(output_config(reader.config, layout.moe, plan.dtype), indent=2, sort_keys=True) + "\n")
+    hf = Path(__file__).parent / "modeling" / "hf"
+    for name in HF_FILES:
+        if (hf / name).is_file():
+            shutil.copyfile(hf / name, partial.path / name)
+    partial.write_text("recipe.yaml", dump_recipe(recipe))
+    tokenizer_saved = _save_tokenizer(reader, partial.path)
+    provenance = {
+        "source": plan.source,
+        "source_sha256": reader.fingerprint(),
+        "calibration": calib_fp,
+        "versions": _versions(),
+        "tokenizer": tokenizer_saved,
+        "parameters": {"total": plan.total_params, "active": plan.active_params},
+        "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
+    }
+    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    partial.finalize()
+    progress(ProgressEvent("complete"))
+    return provenance
+
+
+def _save_tokenizer(reader: CheckpointReader, folder: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
+    except (OSError, ValueError, TypeError, KeyError):
+        log.warning("source %s has no tokenizer; the output has none either", reader.path)
+        return False
+    tokenizer.save_pretrained(folder)
+    return True
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    import moeconv
+
+    return {"moeconv": moeconv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+__all__ = ["convert", "make_plan", "ConvertPlan", "ProgressEvent", "MoeconvMoeBlock"]

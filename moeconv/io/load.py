@@ -1,0 +1,97 @@
+"""Load any model moeconv can read (dense folder, .gguf, moeconv checkpoint) as a transformers model + tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from moeconv.errors import CheckpointError, MoeconvError
+from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
+from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# moeconv checkpoints load through the installed classes, so no remote code is ever run for them.
+AutoConfig.register("moeconv", MoeconvConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoeconvConfig, MoeconvForCausalLM, exist_ok=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda if available else cpu; anything else is checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MoeconvError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoeconvError(f"device '{device}' asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype == "auto":
+        return default
+    if dtype not in DTYPES:
+        raise MoeconvError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_source(path: str | Path) -> tuple[str, dict]:
+    """(folder, extra from_pretrained kwargs) for a folder or a .gguf file."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return str(p), {}
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p), {"gguf_file": ggufs[0].name}
+        raise CheckpointError(f"{p} has no config.json and no single .gguf file; pass a model folder or a .gguf file")
+    raise CheckpointError(f"{path} does not exist or is not a model; pass a model folder or a .gguf file")
+
+
+def is_moeconv_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "moeconv"
+    except json.JSONDecodeError:
+        return False
+
+
+def load_tokenizer(path: str | Path, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or the one at TOKENIZER (a folder or .gguf)."""
+    folder, extra = model_source(tokenizer or path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    except (OSError, ValueError, TypeError, KeyError):
+        raise CheckpointError(f"{tokenizer or path} has no usable tokenizer; pass --tokenizer PATH pointing at one") from None
+
+
+def load_model(
+    path: str | Path,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """A causal LM in eval mode on `device`.  Remote code runs only if the user asked for it."""
+    folder, extra = model_source(path)
+    kwargs = dict(dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code, **extra)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot load {path} as a causal LM: {first}") from None
+    return model.to(resolve_device(device)).eval()

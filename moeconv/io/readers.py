@@ -1,0 +1,236 @@
+"""Checkpoint readers: a local HF folder (safetensors or .bin), a .gguf file, or a Hub id when online.
+
+Every reader exposes the model's config, its tensor names and shapes, and returns one tensor at a
+time, so a converter never holds more than the tensors it is working on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from moeconv.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointReader(ABC):
+    """Lazy access to a dense checkpoint's config and tensors."""
+
+    path: Path
+    config: PretrainedConfig
+
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def source_files(self) -> list[Path]: ...
+
+    def tokenizer_kwargs(self) -> dict:
+        """Arguments for AutoTokenizer.from_pretrained that find this checkpoint's tokenizer."""
+        return {"pretrained_model_name_or_path": str(self.path)}
+
+    def has(self, name: str) -> bool:
+        return name in self._key_set()
+
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_keys_cache"):
+            self._keys_cache = set(self.keys())
+        return self._keys_cache
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of each source file (identifies the exact input for resume and provenance)."""
+        out = {}
+        for f in self.source_files():
+            digest = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(chunk)
+            out[f.name] = digest.hexdigest()
+        return out
+
+
+def _load_config(folder: Path) -> PretrainedConfig:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: it is not a Hugging Face model folder; pass a model folder or a .gguf file")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {first}; check that it is a valid transformers config") from None
+
+
+def _resolve_inside(folder: Path, name: str, index: Path) -> Path:
+    target = (folder / name).resolve()
+    if folder.resolve() not in target.parents:
+        raise CheckpointError(f"{index} names '{name}', a path outside {folder}; fix or regenerate the index file")
+    if not target.is_file():
+        raise CheckpointError(f"{index} names shard '{name}', which is missing; copy the missing shard into {folder}")
+    return target
+
+
+class SafetensorsReader(CheckpointReader):
+    """A folder with model.safetensors or a sharded model.safetensors.index.json."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        self.config = _load_config(folder)
+        self._handles: dict[Path, object] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map); regenerate it") from None
+            self._files = {name: _resolve_inside(folder, shard, index) for name, shard in weight_map.items()}
+        else:
+            single = folder / "model.safetensors"
+            self._files = {name: single for name in self._open(single).keys()}
+        for f in sorted(set(self._files.values())):
+            handle = self._open(f)
+            missing = [n for n, p in self._files.items() if p == f and n not in handle.keys()]
+            if missing:
+                raise CheckpointError(f"{f.name} lacks tensor '{missing[0]}' that the index promises; the shard is stale or corrupt")
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{f} is truncated or corrupt ({err}); re-download or re-export the checkpoint") from None
+        return self._handles[f]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._files[name]).get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read tensor '{name}' from {self._files[name].name} ({err}); the file is corrupt") from None
+
+    def source_files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+
+class TorchBinReader(CheckpointReader):
+    """A folder with pytorch_model.bin (or its sharded index), loaded with weights_only=True and mmap."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        self.config = _load_config(folder)
+        index = folder / "pytorch_model.bin.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: _resolve_inside(folder, shard, index) for name, shard in weight_map.items()}
+        else:
+            single = folder / "pytorch_model.bin"
+            self._files = {name: single for name in self._load(single)}
+        self._cache: tuple[Path, dict] | None = None
+
+    def _load(self, f: Path) -> dict:
+        if self._cache is None or self._cache[0] != f:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+                raise CheckpointError(f"{f} cannot be read safely ({type(err).__name__}); convert it to safetensors") from None
+            self._cache = (f, state)
+        return self._cache[1]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._load(self._files[name])[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._load(self._files[name])[name]
+
+    def source_files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+
+class GGUFReader(CheckpointReader):
+    """A .gguf file, dequantized by transformers' GGUF support (the whole file is read at once)."""
+
+    def __init__(self, file: Path):
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        self.path = file
+        try:
+            self.config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(self.config)
+            loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
+        except ImportError:
+            raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
+        except (ValueError, KeyError, OSError) as err:
+            raise CheckpointError(f"cannot read {file} as GGUF ({str(err).splitlines()[0]}); check the file") from None
+        expected = set(skeleton.state_dict())
+        self._tensors = {k: v for k, v in loaded["tensors"].items() if k in expected}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def source_files(self) -> list[Path]:
+        return [self.path]
+
+    def tokenizer_kwargs(self) -> dict:
+        return {"pretrained_model_name_or_path": str(self.path.parent), "gguf_file": self.path.name}
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception:  # noqa: BLE001 - offline, unknown repo, no auth: all mean the same to the user
+        raise CheckpointError(
+            f"'{repo_id}' is not a local path and could not be fetched from the Hub; pass a local model folder or .gguf file"
+        ) from None
+
+
+def open_checkpoint(source: str | Path) -> CheckpointReader:
+    """Pick the reader for SOURCE (folder, .gguf file, or Hub id)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFReader(path)
+        raise CheckpointError(f"{path} is a file but not a .gguf; pass a model folder or a .gguf file")
+    if not path.exists():
+        looks_like_hub_id = str(source).count("/") == 1 and not str(source).startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            path = _download(str(source))
+        else:
+            raise CheckpointError(f"{source} does not exist; pass a model folder, a .gguf file or a Hub id")
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return SafetensorsReader(path)
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        return TorchBinReader(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFReader(ggufs[0])
+    raise CheckpointError(f"{path} holds no model weights (no model.safetensors, pytorch_model.bin or single .gguf); pass a model folder")

@@ -1,0 +1,108 @@
+"""Per-layer conversion stages: shared-neuron selection, partition, router, DAG; and the MoE block they produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moeconv.errors import RecipeError
+from moeconv.ffn import DenseFFN
+from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
+from moeconv.partition import Partitioner, select_shared_neurons
+from moeconv.recipe import ConvertRecipe
+from moeconv.router import RouterConfig, train_router
+
+
+@dataclass
+class LayerContext:
+    """Everything the stages know and decide about one layer."""
+
+    index: int
+    layers: int
+    ffn: DenseFFN
+    recipe: ConvertRecipe
+    moe: dict
+    generator: torch.Generator
+    calib: Tensor | None = None  # [T, d] FFN inputs captured on calibration text
+    shared: Tensor | None = None  # [shared_size] dense neuron ids, always active
+    routed: Tensor | None = None  # [d_ff - shared_size] dense neuron ids, in expert order
+    router: Tensor | None = None  # [E, d]
+    dag_state: dict[str, Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Callable[[str], None]) -> None:
+    recipe, ffn = ctx.recipe, ctx.ffn
+    all_neurons = torch.arange(ffn.d_ff)
+    if recipe.shared_neurons:
+        if ctx.calib is None:
+            raise RecipeError("shared_neurons needs calibration data to pick the most active neurons")
+        on_stage("shared")
+        ctx.shared = select_shared_neurons(ffn, ctx.calib, recipe.shared_neurons)
+        keep = torch.ones(ffn.d_ff, dtype=torch.bool)
+        keep[ctx.shared] = False
+        pool = all_neurons[keep]
+    else:
+        ctx.shared = all_neurons[:0]
+        pool = all_neurons
+    routed_ffn = ffn.select(pool)
+    on_stage("partition")
+    result = partitioner.partition(routed_ffn, recipe.experts, ctx.calib, ctx.generator, top_k=recipe.top_k)
+    order = torch.argsort(result.assignment, stable=True)
+    ctx.routed = pool[order]
+    ctx.metrics.update({f"partition_{k}": v for k, v in result.metrics.items()})
+    if recipe.train_router and ctx.calib is not None:
+        on_stage("router")
+        router, metrics = train_router(
+            routed_ffn, result.assignment, ctx.calib, recipe.top_k, RouterConfig(**recipe.router), ctx.generator, init=result.router
+        )
+        ctx.metrics.update(metrics)
+    elif result.router is not None:
+        router = result.router
+    else:  # an untrained router: only sensible when every expert is selected (top_k == experts)
+        router = torch.randn(recipe.experts, ffn.d_model, generator=ctx.generator) * ffn.d_model**-0.5
+    ctx.router = router
+    if recipe.dag is not None and ctx.calib is not None:
+        on_stage("dag")
+        from moeconv.dag import distill_layer
+
+        ctx.dag_state, dag_metrics = distill_layer(build_block(ctx, ffn.d_model), ffn, ctx.calib, recipe.dag, ctx.generator)
+        ctx.metrics.update({f"dag_{k}": v for k, v in dag_metrics.items()})
+
+
+def _expert_weights(ffn: DenseFFN, neurons: Tensor) -> dict[str, Tensor]:
+    sub = ffn.select(neurons)
+    out = {"up_proj.weight": sub.up, "down_proj.weight": sub.down}
+    if sub.gate is not None:
+        out["gate_proj.weight"] = sub.gate
+    if sub.up_bias is not None:
+        out["up_proj.bias"] = sub.up_bias
+    if sub.gate_bias is not None:
+        out["gate_proj.bias"] = sub.gate_bias
+    return out
+
+
+def build_block(ctx: LayerContext, d_model: int) -> MoeconvMoeBlock:
+    """The layer's MoE block with the dense weights moved into experts (float32, CPU)."""
+    block = MoeconvMoeBlock(d_model, ctx.moe)
+    if ctx.moe.get("dag"):
+        from moeconv.modeling.hf.dag import DagAggregator
+
+        block.dag = DagAggregator(d_model, ctx.moe["top_k"], **ctx.moe["dag"])
+    size = ctx.moe["expert_size"]
+    state = {"router.weight": ctx.router, "neuron_index": torch.cat([ctx.shared, ctx.routed])}
+    for e in range(ctx.moe["num_experts"]):
+        for name, t in _expert_weights(ctx.ffn, ctx.routed[e * size : (e + 1) * size]).items():
+            state[f"experts.{e}.{name}"] = t
+    if ctx.moe.get("shared_size"):
+        state.update({f"shared.{k}": v for k, v in _expert_weights(ctx.ffn, ctx.shared).items()})
+    if ctx.ffn.down_bias is not None:
+        state["down_bias"] = ctx.ffn.down_bias
+    if ctx.dag_state is not None:
+        state.update({f"dag.{k}": v for k, v in ctx.dag_state.items()})
+    # Without a trained aggregator its fresh (exactly neutral) initialisation is kept.
+    block.load_state_dict(state, strict=block.dag is None or ctx.dag_state is not None)
+    return block
