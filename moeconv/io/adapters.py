@@ -110,9 +110,6 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         always_bias=True,
         d_ff_keys=("n_inner",),
     ),
-    "gpt_neox": FamilyAdapter(
-        ffn_path="gpt_neox.layers.{i}.mlp", gate=None, up="dense_h_to_4h", down="dense_4h_to_h", always_bias=True
-    ),
 }
 
 

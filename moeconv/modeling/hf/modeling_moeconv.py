@@ -60,7 +60,12 @@ class MoeconvForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MoeconvConfig):
         super().__init__(config)
         cfg = dense_config(config)
-        dense = AutoModelForCausalLM.from_config(cfg)
+        dtype = torch.get_default_dtype()  # from_pretrained sets it to the dtype the caller asked for
+        try:
+            dense = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        except ValueError:  # the family lacks the requested attention kernel (gemma2 has no sdpa)
+            cfg._attn_implementation = "eager"
+            dense = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         build_moe_blocks(dense, config, hidden_size_of(cfg))
         # Register the dense model's children as our own so parameter names match the source's.
         for name, child in dense.named_children():

@@ -1,0 +1,46 @@
+// Plain-C++ interface between the torch bindings (moe_ops.cpp) and the per-ISA kernels.
+// No torch headers here: the ISA translation units are compiled for different targets
+// and must not instantiate torch inline code (one-definition-rule hazard).
+#pragma once
+#include <cstdint>
+
+namespace moeconv_cpu {
+
+enum Activation : int { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
+enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// Decode ("streaming") problem: every active expert's weights are read once for all the
+// (token, slot) pairs routed to it.  Pairs are sorted by expert; active expert a owns the
+// sorted pairs [pair_start[a], pair_start[a+1]).
+struct DecodeArgs {
+  int64_t T = 0, d = 0, s = 0, n_active = 0;
+  int dtype = kFloat32;
+  int activation = kSilu;
+  const int64_t* active = nullptr;      // [n_active] expert ids
+  const int64_t* pair_start = nullptr;  // [n_active + 1]
+  const int64_t* pair_token = nullptr;  // [P] token of each sorted pair
+  const float* pair_weight = nullptr;   // [P] routing weight of each sorted pair
+  const float* x = nullptr;             // [T, d] float32
+  const void* w_gate = nullptr;         // [E, s, d] dtype, or null (non-gated)
+  const void* w_up = nullptr;           // [E, s, d] dtype
+  const void* w_down = nullptr;         // [E, d, s] dtype
+  const float* b_gate = nullptr;        // [E, s] float32 or null
+  const float* b_up = nullptr;          // [E, s] float32 or null
+  float* h = nullptr;                   // [P, s] float32 scratch (intermediate activations)
+  float* acc = nullptr;                 // [T, d] float32 accumulator (may alias out for float32)
+  void* out = nullptr;                  // [T, d] dtype
+};
+
+struct KernelTable {
+  const char* isa;
+  // h rows for the flattened (active expert, intermediate row) range [begin, end) of n_active * s.
+  void (*up_rows)(const DecodeArgs&, int64_t begin, int64_t end);
+  // out columns [begin, end) of d: zero, accumulate every active expert, write out.
+  void (*down_cols)(const DecodeArgs&, int64_t begin, int64_t end);
+};
+
+const KernelTable* table_generic();
+const KernelTable* table_avx2();    // null when not compiled for x86
+const KernelTable* table_avx512();  // null when not compiled for x86
+
+}  // namespace moeconv_cpu

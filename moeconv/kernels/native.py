@@ -1,0 +1,162 @@
+"""Finds the native kernels: the prebuilt extension, else a JIT build into a cache dir, else none.
+
+MOECONV_KERNELS=0 disables native code; MOECONV_CACHE_DIR moves the JIT cache (default
+~/.cache/moeconv/kernels).  A missing build is logged once and the ops fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeconv.kernels import build
+
+logger = logging.getLogger(__name__)
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class NativeBuild:
+    """Whether a native library is loaded, and how (or why not), in words for `moeconv env`."""
+
+    loaded: bool
+    how: str
+
+
+def native_enabled() -> bool:
+    return os.environ.get("MOECONV_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir(kind: str) -> Path:
+    """JIT build dir, keyed by the sources' content, torch and Python versions (never stale)."""
+    digest = hashlib.sha256(f"{build.source_hash()}|{torch.__version__}|{sys.version_info[:2]}".encode())
+    root = os.environ.get("MOECONV_CACHE_DIR") or Path.home() / ".cache" / "moeconv" / "kernels"
+    return Path(root) / f"{kind}-{digest.hexdigest()[:16]}"
+
+
+def _jit_load(kind: str, sources: list[str], cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    directory = cache_dir(kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.info("building moeconv %s kernels (first use only, about a minute) in %s", kind, directory)
+    cpp_extension.load(
+        name=f"moeconv_kernels_{kind}",
+        sources=sources,
+        extra_cflags=build.cxx_flags(),
+        extra_cuda_cflags=build.nvcc_flags() if cuda else None,
+        extra_include_paths=[str(Path(sources[0]).parent)],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _stale_prebuilt(module: str) -> str | None:
+    """Why the prebuilt library must not be used (missing, or built from other sources), else None.
+
+    Only a source checkout can be stale: an installed wheel has no csrc/ to compare with.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if spec is None or spec.origin is None:
+        return "no prebuilt library"
+    if not all(p.exists() for p in build.all_source_files()[:2]):
+        return None
+    built = build.embedded_hash(Path(spec.origin))
+    if built != build.source_hash():
+        logger.warning("prebuilt %s is stale (built from other sources); rebuild it (pip install -e .)", spec.origin)
+        return "stale prebuilt library"
+    return None
+
+
+def _load(kind: str, module: str, namespace: str, can_jit: bool, sources: list[str], cuda: bool) -> NativeBuild:
+    if not native_enabled():
+        return NativeBuild(False, "disabled by MOECONV_KERNELS=0")
+    if hasattr(torch.ops, namespace) and hasattr(getattr(torch.ops, namespace), "moe_ffn_out"):
+        return NativeBuild(True, "already loaded")
+    prebuilt_error = _stale_prebuilt(module)
+    if prebuilt_error is None:
+        try:
+            importlib.import_module(module)
+            return NativeBuild(True, "prebuilt")
+        except ImportError as exc:
+            prebuilt_error = f"{type(exc).__name__}: {exc}"
+    if not can_jit:
+        logger.warning(
+            "moeconv %s kernels are not built (%s) and cannot be JIT-built here; using the PyTorch reference",
+            kind,
+            prebuilt_error,
+        )
+        return NativeBuild(False, "not built, no compiler")
+    try:
+        _jit_load(kind, sources, cuda)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, say why once
+        logger.warning("moeconv %s kernels failed to JIT-build (%s); using the PyTorch reference", kind, exc)
+        return NativeBuild(False, f"JIT build failed: {type(exc).__name__}")
+    return NativeBuild(True, "jit")
+
+
+@functools.cache
+def cpu_build() -> NativeBuild:
+    return _load("cpu", build.CPU_EXTENSION, "moeconv_C", build.has_cxx_compiler(), build.cpu_sources(True), False)
+
+
+@functools.cache
+def cuda_build() -> NativeBuild:
+    if not torch.cuda.is_available():
+        return NativeBuild(False, "no CUDA device")
+    return _load("cuda", build.CUDA_EXTENSION, "moeconv_cuda", build.can_build_cuda(), build.cuda_sources(True), True)
+
+
+def has_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when the native kernel for this device type and dtype is loaded (loads it if needed)."""
+    if dtype not in NATIVE_DTYPES:
+        return False
+    if device.type == "cpu":
+        return cpu_build().loaded
+    if device.type == "cuda":
+        return cuda_build().loaded
+    return False
+
+
+def cpu_isa() -> str | None:
+    """The vector ISA the CPU kernels dispatched to ("avx512", "avx2", "generic"), None if not loaded."""
+    return str(torch.ops.moeconv_C.cpu_isa()) if cpu_build().loaded else None
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Force the CPU kernels' ISA ("avx512" | "avx2" | "generic", if this CPU has it); returns the previous one.
+
+    For tests and benchmarks; raises RuntimeError when unavailable or the CPU build is not loaded.
+    """
+    if not cpu_build().loaded:
+        raise RuntimeError(f"moeconv CPU kernels are not loaded ({cpu_build().how})")
+    return str(torch.ops.moeconv_C.set_cpu_isa(isa))
+
+
+def available_cpu_isas() -> list[str]:
+    """The CPU kernel ISAs this machine can run (empty when the CPU build is not loaded)."""
+    if not cpu_build().loaded:
+        return []
+    current, found = cpu_isa(), []
+    for isa in ("avx512", "avx2", "generic"):
+        try:
+            set_cpu_isa(isa)
+            found.append(isa)
+        except RuntimeError:
+            pass
+    set_cpu_isa(current)
+    return found

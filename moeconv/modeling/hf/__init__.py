@@ -1,0 +1,1 @@
+"""Runtime modules copied verbatim into every moeconv checkpoint (torch + transformers only)."""

@@ -1,0 +1,232 @@
+"""Runtime quantized linear layer (pure PyTorch; copied into checkpoints, so it imports only torch and the stdlib).
+
+Formats and bit layouts are documented in docs/quant-formats.md. A module is described by a format dict
+(config.json's per-module `quant` entry):
+    {"format": "int8"|"int4"|"int3"|"int2"|"ternary"|"sub1", "in_features": I, "out_features": O,
+     "group_size": G or -1, "symmetric": bool,                         # intN only
+     "num_codes": n, "dictionary_size": N, "shared_dictionary": bool}  # sub1 only
+Other keys (e.g. "method") are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+FORMATS = (*INT_BITS, "ternary", "sub1")
+SUB1_MAX_PAIRS = 14  # pairs per dictionary entry: 28 symbols x 2 bits + a 4-bit length fit one int64
+SUB1_LENGTH_SHIFT = 56
+
+
+def chunk_layout(bits: int) -> tuple[int, int]:
+    """(values, bytes) of one packing chunk: the smallest whole number of bytes holding whole values."""
+    chunk_bits = bits * 8 // math.gcd(bits, 8)
+    return chunk_bits // bits, chunk_bits // 8
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes taken by `n` values of `bits` bits (the row is padded to whole chunks)."""
+    values, nbytes = chunk_layout(bits)
+    return -(-n // values) * nbytes
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """uint8 [..., packed_bytes(n, bits)] -> uint8 codes [..., n] (little-endian bit order within each chunk)."""
+    values, nbytes = chunk_layout(bits)
+    lead = packed.shape[:-1]
+    chunks = packed.reshape(*lead, -1, nbytes).long()  # [..., n_chunks, nbytes]
+    byte_shifts = torch.arange(0, 8 * nbytes, 8, device=packed.device)
+    words = (chunks << byte_shifts).sum(dim=-1, keepdim=True)  # [..., n_chunks, 1]
+    value_shifts = torch.arange(0, bits * values, bits, device=packed.device)
+    codes = (words >> value_shifts) & (2**bits - 1)  # [..., n_chunks, values]
+    return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
+
+
+def decode_sub1(codes: Tensor, table: Tensor, rows: int, row_len: int) -> Tensor:
+    """Decode a sub1 code stream (uint16 [n]) with its dictionary (int64 [N]) into symbols uint8 [rows, row_len]."""
+    entries = table[codes.long()]  # [n] int64
+    n_pairs = (entries >> SUB1_LENGTH_SHIFT) & 15  # [n]
+    shifts = torch.arange(0, 4 * SUB1_MAX_PAIRS, 2, device=codes.device)  # [28]
+    symbols = ((entries[:, None] >> shifts) & 3).to(torch.uint8)  # [n, 28]
+    keep = shifts[None, :] < 4 * n_pairs[:, None]  # symbol k is valid when k < 2 * pairs
+    flat = symbols[keep]  # row-major: the code stream order
+    padded = row_len + row_len % 2  # odd rows end with a half-used pair
+    if flat.numel() != rows * padded:
+        raise ValueError(f"sub1 stream decodes to {flat.numel()} symbols, expected {rows} rows x {padded}")
+    return flat.reshape(rows, padded)[:, :row_len]
+
+
+def ternary_values(symbols: Tensor, lo_hi: Tensor) -> Tensor:
+    """fp32 [rows, k] values of ternary symbols given lo_hi [rows, 2]."""
+    lo_hi = lo_hi.float()
+    zero = torch.zeros((), dtype=torch.float32, device=symbols.device)
+    return torch.where(symbols == 2, lo_hi[:, 1:], torch.where(symbols == 1, lo_hi[:, :1], zero))
+
+
+def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every stored buffer of a format dict."""
+    name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
+    if name in INT_BITS:
+        bits, group = INT_BITS[name], int(fmt.get("group_size", -1))
+        n_groups = 1 if group == -1 else cols // group
+        specs = {"qweight": ((rows, packed_bytes(cols, bits)), torch.uint8), "scales": ((rows, n_groups), torch.float16)}
+        if not fmt.get("symmetric", False):
+            specs["qzeros"] = ((rows, packed_bytes(n_groups, bits)), torch.uint8)
+        return specs
+    if name == "ternary":
+        return {"qweight": ((rows, packed_bytes(cols, 2)), torch.uint8), "lo_hi": ((rows, 2), torch.bfloat16)}
+    if name == "sub1":
+        return {
+            "codes": ((int(fmt["num_codes"]),), torch.uint16),
+            "row_offsets": ((rows,), torch.int32),
+            "lo_hi": ((rows, 2), torch.bfloat16),
+            "dictionary": ((int(fmt["dictionary_size"]),), torch.int64),
+        }
+    raise ValueError(f"unknown quantization format {name!r}; expected one of {FORMATS}")
+
+
+def dequantize_buffers(buffers: Mapping[str, Tensor], fmt: Mapping) -> Tensor:
+    """fp32 [out, in] weight from stored buffers."""
+    name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
+    if name == "ternary":
+        return ternary_values(unpack_bits(buffers["qweight"], 2, cols), buffers["lo_hi"])
+    if name == "sub1":
+        symbols = decode_sub1(buffers["codes"], buffers["dictionary"], rows, cols)
+        return ternary_values(symbols, buffers["lo_hi"])
+    bits = INT_BITS[name]
+    codes = unpack_bits(buffers["qweight"], bits, cols)  # [out, in]
+    scales = buffers["scales"].float()  # [out, n_groups]
+    n_groups = scales.shape[1]
+    if "qzeros" in buffers:
+        zeros = unpack_bits(buffers["qzeros"], bits, n_groups).float()  # [out, n_groups]
+    else:  # symmetric: the zero point is the middle code
+        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+    grouped = codes.reshape(rows, n_groups, cols // n_groups).float()  # [out, n_groups, G]
+    return ((grouped - zeros[..., None]) * scales[..., None]).reshape(rows, cols)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored packed; W is dequantized on every call (nothing cached).
+
+    With fmt["shared_dictionary"] (sub1), the dictionary is not part of this module's state_dict: the model
+    stores one table and hands it to every such module with attach_dictionary() after loading.
+    """
+
+    def __init__(self, fmt: Mapping, bias: bool = False, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if fmt.get("format") not in FORMATS:
+            raise ValueError(f"unknown quantization format {fmt.get('format')!r}; expected one of {FORMATS}")
+        self.fmt = dict(fmt)
+        self.in_features, self.out_features = int(fmt["in_features"]), int(fmt["out_features"])
+        shared = bool(fmt.get("shared_dictionary", False))
+        for name, (shape, buf_dtype) in buffer_specs(fmt).items():
+            persistent = not (shared and name == "dictionary")
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device), persistent=persistent)
+        bias_dtype = dtype or torch.get_default_dtype()
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=bias_dtype)) if bias else None
+
+    @classmethod
+    def from_packed(cls, buffers: Mapping[str, Tensor], fmt: Mapping, bias: Tensor | None = None) -> QuantLinear:
+        """Build from packed tensors (packing.pack's output) and their format dict."""
+        module = cls(fmt, bias=bias is not None, device=next(iter(buffers.values())).device)
+        expected = buffer_specs(fmt)
+        if set(buffers) != set(expected):
+            raise ValueError(f"buffers {sorted(buffers)} do not match format {fmt['format']}: {sorted(expected)}")
+        for name, (shape, buf_dtype) in expected.items():
+            tensor = buffers[name]
+            if tuple(tensor.shape) != shape or tensor.dtype != buf_dtype:
+                raise ValueError(f"buffer {name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {buf_dtype}")
+            shared = name == "dictionary" and bool(fmt.get("shared_dictionary", False))
+            setattr(module, name, tensor if shared else tensor.clone())  # a shared table is referenced
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    def attach_dictionary(self, table: Tensor) -> None:
+        """Point a sub1 module at a (possibly shared) dictionary table; the tensor is referenced, not copied."""
+        if self.fmt["format"] != "sub1" or table.shape != self.dictionary.shape or table.dtype != torch.int64:
+            raise ValueError(f"dictionary {tuple(table.shape)} {table.dtype} does not fit this {self.fmt['format']} module")
+        self.dictionary = table
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        buffers = dict(self.named_buffers(recurse=False))
+        return dequantize_buffers(buffers, self.fmt).to(dtype)  # [out, in]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.fmt.get('group_size')}" if self.fmt["format"] in INT_BITS else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt['format']}{group}"
+
+
+SUB1_DICTIONARY_KEY = "quant.sub1_dictionary"  # state-dict key of the model's one shared sub1 table
+
+
+class SharedDictionary(nn.Module):
+    """Holds the model's one sub1 decode table (int64 [N]) as a persistent buffer: `quant.sub1_dictionary`."""
+
+    def __init__(self, size: int, device=None):
+        super().__init__()
+        self.register_buffer("sub1_dictionary", torch.zeros(size, dtype=torch.int64, device=device), persistent=True)
+
+
+def quant_modules(quant: Mapping) -> dict[str, dict]:
+    """Module name -> format dict, from config.moe["quant"] in either form:
+    {"modules": {name: fmt}, "default": {...}, ...} (what moeconv quantize writes) or a plain {name: fmt}."""
+    modules = quant.get("modules") if isinstance(quant.get("modules"), Mapping) else quant
+    return {name: dict(fmt) for name, fmt in modules.items() if isinstance(fmt, Mapping) and "format" in fmt}
+
+
+class SharedDictionaryLinear(QuantLinear):
+    """A sub1 QuantLinear whose decode table is the model's one SharedDictionary buffer, read at every call
+    (so loading, .to() and dtype casts of the model need no re-attaching and never copy the table per module)."""
+
+    def __init__(self, fmt: Mapping, holder: SharedDictionary, bias: bool = False, device=None, dtype: torch.dtype | None = None):
+        super().__init__({**fmt, "shared_dictionary": True}, bias=bias, device=device, dtype=dtype)
+        del self._buffers["dictionary"]
+        self._non_persistent_buffers_set.discard("dictionary")
+        object.__setattr__(self, "holder", holder)  # a plain reference: the holder is registered once, on the model
+
+    @property
+    def dictionary(self) -> Tensor:
+        return self.holder.sub1_dictionary
+
+    def attach_dictionary(self, table: Tensor) -> None:
+        raise ValueError("this module reads the model's shared dictionary; load the table into model.quant instead")
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        buffers = {**dict(self.named_buffers(recurse=False)), "dictionary": self.dictionary}
+        return dequantize_buffers(buffers, self.fmt).to(dtype)  # [out, in]
+
+
+def replace_with_quant_linear(model: nn.Module, quant: Mapping) -> nn.Module:
+    """Swap every module named in `quant` (nn.Linear or transformers' Conv1D) for a QuantLinear of its format.
+
+    sub1 modules with a shared dictionary read it from one SharedDictionary added to the model as `quant`
+    (state-dict key `quant.sub1_dictionary`).
+    """
+    modules = quant_modules(quant)
+    shared = [fmt for fmt in modules.values() if fmt["format"] == "sub1" and fmt.get("shared_dictionary")]
+    holder = None
+    if shared:
+        holder = SharedDictionary(int(shared[0]["dictionary_size"]))
+        model.add_module(SUB1_DICTIONARY_KEY.split(".")[0], holder)
+    for name, fmt in modules.items():
+        old = model.get_submodule(name)
+        bias = getattr(old, "bias", None)
+        kwargs = dict(bias=isinstance(bias, Tensor), device=bias.device if isinstance(bias, Tensor) else None,
+                      dtype=bias.dtype if isinstance(bias, Tensor) else None)
+        if holder is not None and fmt["format"] == "sub1" and fmt.get("shared_dictionary"):
+            new = SharedDictionaryLinear(fmt, holder, **kwargs)
+        else:
+            new = QuantLinear(fmt, **kwargs)
+        model.set_submodule(name, new)
+    return model

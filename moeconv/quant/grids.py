@@ -1,0 +1,172 @@
+"""Quantization grids (intN with per-group scales, QMoE ternary per row), round-to-nearest and dequantization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moeconv.errors import RecipeError
+
+INT_BITS = (8, 4, 3, 2)
+TERNARY_FORMATS = ("ternary", "sub1")
+FORMATS = tuple(f"int{b}" for b in INT_BITS) + TERNARY_FORMATS
+# Stored dtypes: these are also the precisions the grids round their parameters to, so that
+# what GPTQ measures while quantizing is exactly what the checkpoint later reproduces.
+SCALE_DTYPE = torch.float16
+LO_HI_DTYPE = torch.bfloat16
+_SMALLEST_SCALE = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to: `bits` is 8/4/3/2 or "ternary"/"sub1" (sub1 = ternary grid + dictionary code).
+
+    group_size: input features sharing one scale (-1 = one per row); ternary grids are always per row.
+    symmetric: intN only; symmetric grids store no zero points (GPTQ convention: zero = 2^(b-1)).
+    """
+
+    bits: int | str = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        is_int = isinstance(self.bits, int) and not isinstance(self.bits, bool) and self.bits in INT_BITS
+        if not is_int and self.bits not in TERNARY_FORMATS:
+            raise RecipeError(f"unsupported quantization width {self.bits!r}; use one of 8, 4, 3, 2, 'ternary', 'sub1'")
+        if self.is_ternary:  # per-row lo/hi by definition: normalise so equal specs compare equal
+            object.__setattr__(self, "group_size", -1)
+            object.__setattr__(self, "symmetric", False)
+        elif not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
+            raise RecipeError(f"group size {self.group_size!r} is invalid; use a positive integer or -1 (per row)")
+
+    @classmethod
+    def from_format(cls, fmt: str, group_size: int = 128, symmetric: bool = False) -> QuantSpec:
+        """`fmt` is one of FORMATS ("int4", "ternary", ...)."""
+        if fmt not in FORMATS:
+            raise RecipeError(f"unsupported quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+        return cls(fmt if fmt in TERNARY_FORMATS else int(fmt[3:]), group_size, symmetric)
+
+    @property
+    def is_ternary(self) -> bool:
+        return self.bits in TERNARY_FORMATS
+
+    @property
+    def format(self) -> str:
+        return str(self.bits) if self.is_ternary else f"int{self.bits}"
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code (ternary symbols are 0, 1 = lo, 2 = hi)."""
+        return 2 if self.is_ternary else 2**self.bits - 1
+
+    def group_width(self, in_features: int) -> int:
+        """Columns per group for a matrix with `in_features` columns; raises RecipeError if it does not divide."""
+        if self.group_size == -1:
+            return in_features
+        if in_features % self.group_size:
+            raise RecipeError(
+                f"group size {self.group_size} does not divide in-features {in_features}; "
+                f"use a divisor of {in_features} or -1 (per row)"
+            )
+        return self.group_size
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized [out, in] matrix in unpacked form.
+
+    codes: [out, in] uint8 — intN levels 0..2^b-1, or ternary symbols {0: 0, 1: lo, 2: hi}.
+    scales: [out, n_groups] fp32 holding fp16 values (intN), else None.
+    zeros: [out, n_groups] fp32 integer zero points (asymmetric intN), else None.
+    lo_hi: [out, 2] fp32 holding bf16 values (ternary), else None.
+    """
+
+    spec: QuantSpec
+    codes: Tensor
+    scales: Tensor | None = None
+    zeros: Tensor | None = None
+    lo_hi: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+
+def find_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Grid parameters of each row of `w` [..., rows, k] (one group): (scale, zero) for intN, (lo, hi) for ternary.
+
+    Both are fp32 [..., rows], already rounded to their stored precision.
+    """
+    w = w.float()
+    lo = w.amin(dim=-1).clamp(max=0.0)  # [..., rows]
+    hi = w.amax(dim=-1).clamp(min=0.0)
+    if spec.is_ternary:
+        return lo.to(LO_HI_DTYPE).float(), hi.to(LO_HI_DTYPE).float()
+    if spec.symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    empty = (lo == 0) & (hi == 0)  # an all-zero group still needs a finite scale
+    lo = torch.where(empty, -1.0, lo)
+    hi = torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / spec.maxq).clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()
+    if spec.symmetric:
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+    else:
+        zero = torch.round(-lo / scale).clamp(0, spec.maxq)
+    return scale, zero
+
+
+def quantize_codes(w: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> Tensor:
+    """Codes (uint8, shape of `w`) of `w` on the grid (p0, p1) from find_params, broadcast against `w`."""
+    w = w.float()
+    if spec.is_ternary:  # p0 = lo, p1 = hi
+        return torch.where(w > p1 / 2, 2, torch.where(w < p0 / 2, 1, 0)).to(torch.uint8)
+    return (torch.round(w / p0) + p1).clamp(0, spec.maxq).to(torch.uint8)
+
+
+def dequantize_codes(codes: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> Tensor:
+    """fp32 values of `codes` on the grid (p0, p1); the runtime QuantLinear computes exactly the same numbers."""
+    if spec.is_ternary:
+        zero = torch.zeros((), dtype=torch.float32, device=codes.device)
+        return torch.where(codes == 2, p1, torch.where(codes == 1, p0, zero))
+    return (codes.float() - p1) * p0
+
+
+def quantize_rtn(w: Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Round-to-nearest quantization of `w` [out, in] on the grid of `spec` (the baseline GPTQ must beat)."""
+    if w.dim() != 2:
+        raise RecipeError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}; quantize one linear at a time")
+    out_features, in_features = w.shape
+    width = spec.group_width(in_features)
+    groups = w.float().reshape(out_features, in_features // width, width)  # [out, n_groups, G]
+    p0, p1 = find_params(groups, spec)  # [out, n_groups]
+    codes = quantize_codes(groups, p0[..., None], p1[..., None], spec).reshape(out_features, in_features)
+    return make_quantized(codes, p0, p1, spec)
+
+
+def make_quantized(codes: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Wrap codes [out, in] and per-group parameters [out, n_groups] from find_params in a QuantizedTensor."""
+    if spec.is_ternary:
+        return QuantizedTensor(spec, codes, lo_hi=torch.stack([p0[:, 0], p1[:, 0]], dim=1))
+    return QuantizedTensor(spec, codes, scales=p0, zeros=None if spec.symmetric else p1)
+
+
+def group_params(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
+    """(p0, p1) of `q`, each [out, n_groups] (n_groups = 1 for ternary), as find_params returns them."""
+    if q.spec.is_ternary:
+        assert q.lo_hi is not None
+        return q.lo_hi[:, :1], q.lo_hi[:, 1:]
+    assert q.scales is not None
+    zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, float(2 ** (q.spec.bits - 1)))
+    return q.scales, zeros
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """fp32 [out, in] weight represented by `q`."""
+    out_features, in_features = q.shape
+    p0, p1 = group_params(q)
+    n_groups = p0.shape[1]
+    codes = q.codes.reshape(out_features, n_groups, in_features // n_groups)  # [out, n_groups, G]
+    return dequantize_codes(codes, p0[..., None], p1[..., None], q.spec).reshape(out_features, in_features)

@@ -1,0 +1,115 @@
+"""Packing of QuantizedTensors into the stored buffers of each format, and back (layouts: docs/quant-formats.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moeconv.errors import CheckpointError
+from moeconv.modeling.hf.quant_linear import (
+    INT_BITS,
+    buffer_specs,
+    chunk_layout,
+    decode_sub1,
+    unpack_bits,
+)
+from moeconv.quant import sub1
+from moeconv.quant.grids import LO_HI_DTYPE, SCALE_DTYPE, QuantizedTensor, QuantSpec
+
+
+@dataclass
+class PackedWeight:
+    """Stored form of one quantized matrix: `buffers` go to safetensors, `fmt` to config.json's `quant` entry."""
+
+    fmt: dict
+    buffers: dict[str, Tensor]
+
+    @property
+    def num_weights(self) -> int:
+        return int(self.fmt["in_features"]) * int(self.fmt["out_features"])
+
+    def stored_bits(self, include_dictionary: bool = True) -> int:
+        """All stored bits: codes, scales/zeros or lo/hi, row offsets and (unless excluded) the sub1 dictionary."""
+        return sum(
+            t.numel() * t.element_size() * 8 for name, t in self.buffers.items() if include_dictionary or name != "dictionary"
+        )
+
+    def bits_per_weight(self, include_dictionary: bool = True) -> float:
+        return self.stored_bits(include_dictionary) / self.num_weights
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [..., n] (each < 2^bits) -> uint8 [..., packed_bytes(n, bits)]; inverse of unpack_bits."""
+    values, nbytes = chunk_layout(bits)
+    n = codes.shape[-1]
+    pad = -n % values
+    padded = torch.nn.functional.pad(codes.long(), (0, pad))  # zero codes fill the last chunk
+    chunks = padded.reshape(*codes.shape[:-1], -1, values)  # [..., n_chunks, values]
+    value_shifts = torch.arange(0, bits * values, bits, device=codes.device)
+    words = (chunks << value_shifts).sum(dim=-1, keepdim=True)  # [..., n_chunks, 1]
+    byte_shifts = torch.arange(0, 8 * nbytes, 8, device=codes.device)
+    packed = (words >> byte_shifts) & 255  # [..., n_chunks, nbytes]
+    return packed.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def format_dict(spec: QuantSpec, out_features: int, in_features: int) -> dict:
+    """The format dict (without sub1's stream sizes) of a matrix quantized with `spec`."""
+    fmt = {"format": spec.format, "in_features": in_features, "out_features": out_features}
+    if not spec.is_ternary:
+        fmt.update(group_size=spec.group_size, symmetric=spec.symmetric)
+    return fmt
+
+
+def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shared_dictionary: bool = False) -> PackedWeight:
+    """Pack `q` in the format of its spec. sub1 uses `dictionary` (built from `q` itself when None);
+    `shared_dictionary` marks it as stored once per model (see QuantLinear.attach_dictionary)."""
+    spec = q.spec
+    out_features, in_features = q.shape
+    fmt = format_dict(spec, out_features, in_features)
+    if spec.is_ternary:
+        assert q.lo_hi is not None
+        lo_hi = q.lo_hi.to(LO_HI_DTYPE)
+        if spec.bits == "ternary":
+            return PackedWeight(fmt, {"qweight": pack_bits(q.codes, 2), "lo_hi": lo_hi})
+        dictionary = dictionary or sub1.build_dictionary(sub1.pair_counts(q.codes))
+        codes, row_offsets = sub1.encode(q.codes, dictionary)
+        fmt.update(num_codes=codes.numel(), dictionary_size=dictionary.size, shared_dictionary=shared_dictionary)
+        buffers = {"codes": codes, "row_offsets": row_offsets, "lo_hi": lo_hi, "dictionary": dictionary.table}
+        return PackedWeight(fmt, buffers)
+    assert q.scales is not None
+    bits = int(spec.bits)
+    buffers = {"qweight": pack_bits(q.codes, bits), "scales": q.scales.to(SCALE_DTYPE)}
+    if q.zeros is not None:
+        buffers["qzeros"] = pack_bits(q.zeros.to(torch.uint8), bits)
+    return PackedWeight(fmt, buffers)
+
+
+def unpack(buffers: Mapping[str, Tensor], fmt: Mapping) -> QuantizedTensor:
+    """QuantizedTensor from stored buffers; raises CheckpointError when they do not match `fmt`."""
+    try:
+        expected = buffer_specs(fmt)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"quantization format entry {dict(fmt)} is invalid ({exc}); re-run moeconv quantize") from exc
+    for name, (shape, dtype) in expected.items():
+        tensor = buffers.get(name)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            got = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise CheckpointError(f"quantized buffer {name!r} is {got}, expected {shape} {dtype}; re-run moeconv quantize")
+    name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
+    if name in INT_BITS:
+        spec = QuantSpec(INT_BITS[name], int(fmt["group_size"]), bool(fmt.get("symmetric", False)))
+        scales = buffers["scales"].float()
+        zeros = None if spec.symmetric else unpack_bits(buffers["qzeros"], spec.bits, scales.shape[1]).float()
+        return QuantizedTensor(spec, unpack_bits(buffers["qweight"], spec.bits, cols), scales=scales, zeros=zeros)
+    lo_hi = buffers["lo_hi"].float()
+    if name == "ternary":
+        return QuantizedTensor(QuantSpec("ternary"), unpack_bits(buffers["qweight"], 2, cols), lo_hi=lo_hi)
+    try:
+        symbols = decode_sub1(buffers["codes"], buffers["dictionary"], rows, cols)
+    except (ValueError, IndexError) as exc:
+        raise CheckpointError(f"sub1 code stream is corrupt ({exc}); re-run moeconv quantize") from exc
+    sub1.check_row_offsets(buffers["codes"], buffers["dictionary"], buffers["row_offsets"], cols)
+    return QuantizedTensor(QuantSpec("sub1"), symbols, lo_hi=lo_hi)

@@ -1,0 +1,101 @@
+"""Quantization recipes: what `moeconv quantize` does, as a pydantic model (extra="forbid")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from moeconv.errors import RecipeError
+from moeconv.quant.grids import QuantSpec
+from moeconv.recipe import CalibrationSpec, Strict, _first_error, parse_size
+
+BITS_CHOICES = ("8", "4", "3", "2", "ternary", "sub1")
+
+
+class QuantRecipe(Strict):
+    """One width for every quantized linear of the decoder layers (routers, norms, embeddings, lm_head stay as they are).
+
+    min_expert_tokens: an expert that received fewer calibration tokens than this gets the Hessian pooled over
+    all experts of its layer (`sparse_experts: pooled`) or plain round-to-nearest (`sparse_experts: rtn`).
+    """
+
+    bits: str = "4"
+    group_size: int = 128  # input features per scale; -1 = one per row; ignored by ternary/sub1 (per row)
+    symmetric: bool = False
+    method: Literal["gptq", "rtn"] = "gptq"
+    damp: float = Field(0.01, ge=0)  # GPTQ: 0.01; QMoE uses 0.1 for ternary
+    act_order: bool = False
+    block_size: int = Field(128, ge=1)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    batch_size: int = Field(8, ge=1)  # calibration windows per forward
+    min_expert_tokens: int = Field(128, ge=0)
+    sparse_experts: Literal["pooled", "rtn"] = "pooled"
+    exclude: list[str] = Field(default_factory=list)  # fnmatch patterns of module names kept in high precision
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the tensors kept in high precision
+    max_shard_size: str = "1GB"
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, v: Any) -> str:
+        text = str(v).strip().lower().removeprefix("int")
+        if text not in BITS_CHOICES:
+            raise ValueError(f"unsupported width {v!r}; use one of {', '.join(BITS_CHOICES)}")
+        return text
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"group size {v} is invalid; use a positive integer or -1 (one group per row)")
+        return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @property
+    def spec(self) -> QuantSpec:
+        bits: int | str = self.bits if self.bits in ("ternary", "sub1") else int(self.bits)
+        return QuantSpec(bits, self.group_size, self.symmetric)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+
+def load_quant_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> QuantRecipe:
+    """A recipe from YAML (or defaults) with CLI overrides (dotted keys allowed: 'calibration.tokens')."""
+    data: dict[str, Any] = {}
+    where = "quantization recipe"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise RecipeError(f"recipe {p} does not exist; pass a YAML file such as configs/gptq-int4.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{p} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{p} must hold a mapping of recipe fields at the top level")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return QuantRecipe.model_validate(data)
+    except ValidationError as err:
+        raise _first_error(err, where) from None
+
+
+def dump_quant_recipe(recipe: QuantRecipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

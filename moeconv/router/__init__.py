@@ -1,0 +1,6 @@
+"""Routers: training on captured FFN inputs and an un-fused reference MoE forward."""
+
+from moeconv.router.reference import expert_importance, moe_forward
+from moeconv.router.train import RouterConfig, train_router
+
+__all__ = ["RouterConfig", "expert_importance", "moe_forward", "train_router"]

@@ -1,0 +1,95 @@
+"""Quantization grids: spec validation, RTN invariants, the QMoE ternary rule, dequantization."""
+
+import pytest
+import torch
+
+from moeconv.errors import RecipeError
+from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+
+INT_SPECS = [QuantSpec(b, g, s) for b in (8, 4, 3, 2) for g in (-1, 16) for s in (False, True)]
+
+
+def test_unsupported_width_raises_one_line_recipe_error():
+    for bits in (5, 1, 16, 4.0, True, "quaternary", "int4"):
+        with pytest.raises(RecipeError, match="unsupported quantization width") as info:
+            QuantSpec(bits)
+        assert "\n" not in str(info.value)
+    with pytest.raises(RecipeError, match="unsupported quantization format"):
+        QuantSpec.from_format("int5")
+
+
+def test_group_size_must_divide_in_features():
+    w = torch.randn(4, 576)
+    with pytest.raises(RecipeError, match="group size 128 does not divide in-features 576") as info:
+        quantize_rtn(w, QuantSpec(4, 128))
+    assert "\n" not in str(info.value)
+    for bad in (0, -2, 3.5):
+        with pytest.raises(RecipeError, match="group size"):
+            QuantSpec(4, bad)
+
+
+def test_spec_formats_and_ternary_normalisation():
+    assert QuantSpec.from_format("int3", 64, True) == QuantSpec(3, 64, True)
+    assert QuantSpec(3, 64).format == "int3"
+    assert QuantSpec("ternary", 128, True) == QuantSpec("ternary", -1, False)
+    assert QuantSpec("sub1").format == "sub1" and QuantSpec("sub1").maxq == 2
+
+
+@pytest.mark.parametrize("spec", INT_SPECS, ids=lambda s: f"{s.format}-g{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+def test_rtn_codes_in_range_and_error_within_half_step(spec):
+    g = torch.Generator().manual_seed(spec.bits * 7 + spec.group_size)
+    w = torch.randn(9, 48, generator=g) * torch.rand(9, 1, generator=g)  # rows of different scales
+    q = quantize_rtn(w, spec)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= spec.maxq
+    n_groups = 1 if spec.group_size == -1 else 48 // spec.group_size
+    assert q.scales.shape == (9, n_groups)
+    assert torch.equal(q.scales, q.scales.half().float())  # stored precision
+    assert (q.zeros is None) == spec.symmetric
+    step = q.scales.repeat_interleave(48 // n_groups, dim=1)  # [out, in]
+    err = (w - dequantize(q)).abs()
+    # Half a step, plus what rounding the scale to fp16 can shift the extreme levels by (both grids may clip
+    # the group's largest value by at most that much).
+    assert bool((err <= (0.5 + spec.maxq * 2**-11) * step).all())
+
+
+def test_rtn_is_nearest_level():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 32, generator=g)
+    q = quantize_rtn(w, QuantSpec(3, 8))
+    levels = torch.arange(8.0)  # every code of each group, dequantized
+    scales = q.scales.repeat_interleave(8, dim=1)[..., None]
+    zeros = q.zeros.repeat_interleave(8, dim=1)[..., None]
+    candidates = (levels - zeros) * scales  # [out, in, 8]
+    best = (candidates - w[..., None]).abs().min(dim=-1).values
+    assert torch.allclose((dequantize(q) - w).abs(), best, atol=1e-6)
+
+
+def test_ternary_rule_matches_qmoe_definition():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(11, 37, generator=g)
+    w[3] = w[3].abs()  # a row with no negative weight: lo = 0
+    w[4] = -w[4].abs()  # no positive weight: hi = 0
+    w[5] = 0.0
+    q = quantize_rtn(w, QuantSpec("ternary"))
+    lo = w.min(dim=1).values.clamp(max=0).bfloat16().float()
+    hi = w.max(dim=1).values.clamp(min=0).bfloat16().float()
+    assert torch.equal(q.lo_hi, torch.stack([lo, hi], dim=1))
+    expected = torch.where(w > hi[:, None] / 2, hi[:, None], torch.where(w < lo[:, None] / 2, lo[:, None], 0.0))
+    assert torch.equal(dequantize(q), expected)
+    assert set(q.codes.unique().tolist()) <= {0, 1, 2}
+    assert not bool((q.codes[3] == 1).any()) and not bool((q.codes[4] == 2).any())
+    assert bool((dequantize(q)[5] == 0).all())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 8), QuantSpec(2, -1, True), QuantSpec("ternary")], ids=str)
+def test_zero_weights_dequantize_to_exact_zero(spec):
+    w = torch.zeros(3, 16)
+    w[1, :8] = torch.linspace(-1, 1, 8)
+    out = dequantize(quantize_rtn(w, spec))
+    assert torch.isfinite(out).all()
+    assert bool((out[0] == 0).all()) and bool((out[2] == 0).all())
+
+
+def test_rtn_rejects_non_matrix():
+    with pytest.raises(RecipeError, match="2-D"):
+        quantize_rtn(torch.randn(2, 3, 4), QuantSpec(4, -1))
