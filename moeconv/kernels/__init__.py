@@ -16,7 +16,7 @@ from moeconv.errors import MoeconvError
 from moeconv.kernels import native, ops, reference  # noqa: F401 - ops registers torch.ops.moeconv
 from moeconv.kernels.reference import ACTIVATIONS, SCORINGS
 
-__all__ = ["ACTIVATIONS", "SCORINGS", "KernelInputError", "kernel_status", "moe_ffn", "route"]
+__all__ = ["ACTIVATIONS", "SCORINGS", "KernelInputError", "fused_moe_ffn", "kernel_status", "moe_ffn", "route"]
 
 
 class KernelInputError(MoeconvError):
@@ -113,3 +113,5 @@ def kernel_status() -> dict[str, str]:
 
 
 _ = reference  # re-exported for callers that want the pure-PyTorch versions: moeconv.kernels.reference
+
+from moeconv.kernels.block import fused_moe_ffn  # noqa: E402 - needs moe_ffn defined above
