@@ -46,6 +46,7 @@ def convert_command(
     calib: Annotated[Optional[str], typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
     calib_tokens: Annotated[Optional[int], typer.Option(help="calibration tokens")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="calibration window length")] = None,
+    dag: Annotated[bool, typer.Option("--dag", help="add a DAG-MoE aggregator (recipe defaults), distilled per layer")] = False,
     no_router_training: Annotated[bool, typer.Option(help="keep an untrained router (only for top_k == experts)")] = False,
     dtype: Annotated[Optional[str], typer.Option(help="output dtype: auto, float32, bfloat16, float16")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="e.g. 1GB, 200MB")] = None,
@@ -66,6 +67,8 @@ def convert_command(
         "calibration.seqlen": seqlen, "dtype": dtype, "max_shard_size": max_shard_size, "seed": seed,
         "train_router": False if no_router_training else None,
     }
+    if dag:
+        overrides["dag"] = {}
     resolved = load_recipe(recipe, overrides)
     with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:
         result = convert(src, out, resolved, force=force, resume=resume, dry_run=dry_run,

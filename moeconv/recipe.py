@@ -49,6 +49,15 @@ class ConvertRecipe(Strict):
         parse_size(v)
         return v
 
+    @field_validator("dag")
+    @classmethod
+    def _dag(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            from moeconv.dag import DagConfig
+
+            DagConfig(**v)  # unknown or invalid aggregator settings fail at load time
+        return v
+
     def needs_calibration(self, partitioner_needs: bool) -> bool:
         return partitioner_needs or self.train_router or self.dag is not None
 

@@ -67,10 +67,14 @@ def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Call
     ctx.router = router
     if recipe.dag is not None and ctx.calib is not None:
         on_stage("dag")
-        from moeconv.dag import distill_layer
+        from moeconv.dag import DagConfig, distill_dag
 
-        ctx.dag_state, dag_metrics = distill_layer(build_block(ctx, ffn.d_model), ffn, ctx.calib, recipe.dag, ctx.generator)
-        ctx.metrics.update({f"dag_{k}": v for k, v in dag_metrics.items()})
+        block = build_block(ctx, ffn.d_model)
+        block.dag = None  # distill_dag attaches a fresh, exactly neutral one drawn from the layer's generator
+        target = ffn.forward(ctx.calib)  # [T, d] the dense FFN output the MoE should reproduce
+        metrics = distill_dag(block, ctx.calib, target, DagConfig(**recipe.dag), ctx.generator)
+        ctx.dag_state = {k: v.detach().clone() for k, v in block.dag.state_dict().items()}
+        ctx.metrics.update({f"dag_{k}": v for k, v in metrics.items()})
 
 
 def _expert_weights(ffn: DenseFFN, neurons: Tensor) -> dict[str, Tensor]:

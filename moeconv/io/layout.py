@@ -36,7 +36,9 @@ def dag_architecture(dag: dict | None) -> dict | None:
     """The aggregator's constructor arguments (the recipe's `dag` block minus its training settings)."""
     if dag is None:
         return None
-    return {k: v for k, v in dag.items() if k != "train"}
+    from moeconv.dag import DagConfig
+
+    return DagConfig(**dag).architecture()
 
 
 def output_config(config: PretrainedConfig, moe: dict, dtype: str) -> dict:
