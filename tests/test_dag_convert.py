@@ -42,3 +42,33 @@ def test_convert_with_dag(tmp_path):
 def test_bad_dag_field():
     with pytest.raises(RecipeError, match="dag"):
         load_recipe(None, {"dag": {"width": 3}})
+
+
+def test_dag_command_adds_aggregator(tmp_path):
+    from typer.testing import CliRunner
+
+    from moeconv.cli.app import app
+
+    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2)
+    save_char_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text())
+    moe = tmp_path / "moe"
+    convert(str(src), moe, load_recipe(None, {"experts": 6, "top_k": 2, "router": {"steps": 30},
+                                             "calibration": {"source": str(text), "tokens": 1024, "seqlen": 64}}))
+    runner = CliRunner()
+    common = ["--calib", str(text), "--calib-tokens", "1024", "--seqlen", "64", "--steps", "40", "--d-g", "8", "-q"]
+    result = runner.invoke(app, ["dag", str(moe), str(tmp_path / "dag"), *common])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "dag" / "config.json").read_text())
+    assert cfg["moe"]["dag"]["d_g"] == 8
+    model = load_model(tmp_path / "dag", device="cpu")
+    assert all(layer.mlp.dag is not None for layer in model.model.layers)
+    layers = json.loads((tmp_path / "dag" / "provenance.json").read_text())["dag"]["layers"]
+    assert all(m["rel_error_after"] < m["rel_error_before"] for m in layers.values())
+
+    again = runner.invoke(app, ["dag", str(tmp_path / "dag"), str(tmp_path / "dag2"), *common])
+    assert again.exit_code == 2 and "already has a DAG aggregator" in again.output
+    dense = runner.invoke(app, ["dag", str(src), str(tmp_path / "dag3"), *common])
+    assert dense.exit_code == 2 and "dense checkpoint" in dense.output
+    assert not (tmp_path / "dag2").exists() and not (tmp_path / "dag3").exists()

@@ -1,0 +1,115 @@
+"""`moeconv dag SRC OUT`: add DAG-MoE aggregators to an existing moeconv MoE checkpoint, distilled per layer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moeconv.calib.capture import tokenize_windows
+from moeconv.calib.sources import load_text
+from moeconv.convert import HF_FILES
+from moeconv.dag.distill import DagConfig, distill_dag
+from moeconv.errors import MoeconvError
+from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
+from moeconv.io.writer import PartialOutput
+from moeconv.recipe import CalibrationSpec
+
+
+def _check_source(src: Path, force: bool) -> dict:
+    if not src.is_dir() or not (src / "config.json").is_file():
+        raise MoeconvError(f"{src} is not a model folder; pass a moeconv MoE checkpoint made by `moeconv convert`")
+    if not is_moeconv_checkpoint(src):
+        raise MoeconvError(f"{src} is a dense checkpoint; convert it first (moeconv convert SRC OUT --dag adds the aggregator too)")
+    config = json.loads((src / "config.json").read_text())
+    moe = config["moe"]
+    if moe.get("dag") and not force:
+        raise MoeconvError(f"{src} already has a DAG aggregator; pass --force to replace it")
+    if moe.get("quant"):
+        raise MoeconvError(f"{src} is quantized; add the aggregator before quantizing (moeconv dag, then moeconv quantize)")
+    if moe.get("scoring", "none") != "none":
+        raise MoeconvError(f"{src} uses router scoring '{moe.get('scoring')}'; the aggregator is distilled only for scoring 'none'")
+    return config
+
+
+def _capture_inputs(model: torch.nn.Module, blocks: list, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Inputs of every MoE block over the calibration windows (the checkpoint's own forward).  [T, d] each"""
+    captured: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.register_forward_pre_hook(lambda _m, a, i=i: captured[i].append(a[0].reshape(-1, a[0].shape[-1]).cpu()))
+             for i, b in enumerate(blocks)]
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(4):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(c) for c in captured]
+
+
+def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: CalibrationSpec, *, seed: int = 0, force: bool = False,
+            resume: bool = False, device: torch.device = torch.device("cpu"),
+            progress: Callable[[str, int | None, int], None] = lambda stage, layer, layers: None) -> dict:
+    """Write SRC plus a distilled aggregator per MoE layer to OUT.  Returns per-layer metrics."""
+    src, out = Path(src), Path(out)
+    config = _check_source(src, force=force or resume)
+    settings = DagConfig(**dag)
+    moe = config["moe"]
+    progress("tokenizing calibration text", None, 0)
+    text = load_text(calibration.source, calibration.text_field)
+    windows = tokenize_windows(load_tokenizer(src), text, calibration.tokens, calibration.seqlen)
+    blob = json.dumps({"src": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")), "dag": settings.model_dump(),
+                       "calib": [text.fingerprint, windows.numel()], "seed": seed}, sort_keys=True)
+    partial = PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force)
+    model = load_model(src, dtype="float32", device=str(device))
+    blocks = [model.get_submodule(moe["ffn_path"].format(i=i)) for i in moe["layers"]]
+    progress("capturing MoE inputs", None, len(blocks))
+    inputs = _capture_inputs(model, blocks, windows, device)
+    metrics, new_tensors = {}, {}
+    for n, (i, block, x) in enumerate(zip(moe["layers"], blocks, inputs)):
+        progress("dag", n, len(blocks))
+        block.dag = None
+        with torch.no_grad():  # the dense FFN's output is every expert summed (scoring "none")
+            top_k, block.top_k = block.top_k, block.num_experts
+            target = block(x.to(device))
+            block.top_k = top_k
+        metrics[str(i)] = distill_dag(block, x.to(device), target, settings, torch.Generator().manual_seed(seed * 100003 + i))
+        prefix = moe["ffn_path"].format(i=i)
+        new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}
+    _write(src, partial, config, settings, new_tensors, metrics)
+    partial.finalize()
+    return metrics
+
+
+def _write(src: Path, partial: PartialOutput, config: dict, settings: DagConfig, new: dict, metrics: dict) -> None:
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = dict(index["weight_map"])
+    for prefix, tensors in new.items():  # each layer's aggregator goes into the shard holding its router
+        shard = weight_map[f"{prefix}.router.weight"]
+        weight_map.update({name: shard for name in tensors})
+    for shard in sorted(set(weight_map.values())):
+        if partial.has_shard(shard):
+            continue
+        tensors = load_file(str(src / shard))
+        for layer_tensors in new.values():
+            tensors.update({k: v for k, v in layer_tensors.items() if weight_map[k] == shard})
+        partial.write_shard(shard, tensors)
+    total = index.get("metadata", {}).get("total_size", 0) + sum(t.numel() * t.element_size() for d in new.values() for t in d.values())
+    partial.write_index(weight_map, total)
+    config["moe"]["dag"] = settings.architecture()
+    partial.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hf = Path(__file__).parents[1] / "modeling" / "hf"
+    skip = {"config.json", "model.safetensors.index.json", "provenance.json", *weight_map.values()}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and f.name not in HF_FILES:
+            shutil.copyfile(f, partial.path / f.name)
+    for name in HF_FILES:
+        shutil.copyfile(hf / name, partial.path / name)
+    provenance = json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").is_file() else {}
+    provenance["dag"] = {"settings": settings.model_dump(), "layers": metrics}
+    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
