@@ -196,24 +196,27 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
     metrics: dict[str, dict[str, float]] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     partitioner = get_partitioner(recipe.partition.method, recipe.partition.options)
     for s in todo:
-        tensors: dict[str, torch.Tensor] = {}
-        for unit in plan.shards[s]:
-            if unit == 0:
-                tensors.update(layout.global_tensors())
-                continue
-            i = unit - 1
-            ctx = LayerContext(index=i, layers=plan.layers, ffn=adapter.read_ffn(reader.get, i, reader.config),
-                               recipe=recipe, moe=layout.moe, generator=torch.Generator().manual_seed(recipe.seed * 100003 + i))
-            if runner is not None:
-                progress(ProgressEvent("capture", i, plan.layers))
-                ctx.calib = runner.run_layer(i)
-            run_layer_stages(ctx, partitioner, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
-            metrics[str(i)] = ctx.metrics
-            progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
-            tensors.update(layout.layer_tensors(i, build_block(ctx, layout.d_model)))
-        progress(ProgressEvent("writing " + names[s]))
-        partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
-        partial.write_shard(names[s], tensors)
+        entries = [e for unit in plan.shards[s] for e in layout.unit_entries(unit)]
+        with partial.stream_shard(names[s], entries) as shard:  # each unit is written as soon as it exists
+            for unit in plan.shards[s]:
+                if unit == 0:
+                    tensors = layout.global_tensors()
+                else:
+                    i = unit - 1
+                    ctx = LayerContext(index=i, layers=plan.layers, ffn=adapter.read_ffn(reader.get, i, reader.config),
+                                       recipe=recipe, moe=layout.moe,
+                                       generator=torch.Generator().manual_seed(recipe.seed * 100003 + i))
+                    if runner is not None:
+                        progress(ProgressEvent("capture", i, plan.layers))
+                        ctx.calib = runner.run_layer(i)
+                    run_layer_stages(ctx, partitioner, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
+                    metrics[str(i)] = ctx.metrics
+                    progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
+                    tensors = layout.layer_tensors(i, build_block(ctx, layout.d_model))
+                for name, _, _ in layout.unit_entries(unit):
+                    shard.write(name, tensors[name])
+                del tensors
+            partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:
             save_file({"hidden": runner.state()}, str(partial.path / f"hidden-{last_layer + 1}.safetensors"))

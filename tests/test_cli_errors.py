@@ -155,12 +155,12 @@ def test_nan_weight_is_named(dense_models, tmp_path):
 
 
 def test_no_space_left(dense_models, tmp_path, monkeypatch):
-    import moeconv.io.writer as writer
+    from moeconv.io.stream_shard import StreamingShard
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", full)
+    monkeypatch.setattr(StreamingShard, "write", full)
     out = tmp_path / "out"
     assert_user_error(run("convert", str(dense_models["llama"]), str(out), *ident()), "no space left")
     assert not out.exists(), "an interrupted output must never look complete"

@@ -101,6 +101,14 @@ class LayerLayout:
             names += [f"{self._ffn_prefix(unit - 1)}.{k}" for k in self._block_shapes]
         return names
 
+    def unit_entries(self, unit: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every output tensor of the unit, in write order."""
+        entries = [(k, tuple(self.reader.shape(k)), self.dtype) for k in self._source_units[unit]]
+        if unit > 0:
+            prefix = self._ffn_prefix(unit - 1)
+            entries += [(f"{prefix}.{k}", s, self.dtype if d.is_floating_point else d) for k, (s, d) in self._block_shapes.items()]
+        return entries
+
     def _nbytes(self, shape: Iterable[int], dtype: torch.dtype) -> int:
         n = 1
         for s in shape:

@@ -90,7 +90,12 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except ValueError as err:  # a family without the requested attention kernel (gemma2 has no sdpa)
+            if "attn_implementation" not in kwargs or "attention" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(folder, **{**kwargs, "attn_implementation": "eager"})
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot load {path} as a causal LM: {first}") from None

@@ -9,10 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
+from contextlib import contextmanager
+
 import torch
 from safetensors.torch import save_file
 
 from moeconv.errors import MoeconvError
+from moeconv.io.stream_shard import StreamingShard
 
 PROGRESS = "progress.json"
 
@@ -101,6 +104,29 @@ class PartialOutput:
             tmp.unlink(missing_ok=True)
             if err.errno == errno.ENOSPC:
                 raise no_space_error(self.path) from None
+            raise
+        self.done[name] = _sha256(self.path / name)
+        self._save_progress()
+
+    @contextmanager
+    def stream_shard(self, name: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        """Yield a StreamingShard for `name`; it becomes visible (and recorded) only when complete."""
+        tmp = self.path / (name + ".tmp")
+        shard = None
+        try:
+            shard = StreamingShard(tmp, entries)
+            yield shard
+            shard.close()
+            os.replace(tmp, self.path / name)
+        except OSError as err:
+            if shard is not None:
+                shard.abort()
+            if err.errno == errno.ENOSPC:
+                raise no_space_error(self.path) from None
+            raise
+        except BaseException:
+            if shard is not None:
+                shard.abort()
             raise
         self.done[name] = _sha256(self.path / name)
         self._save_progress()

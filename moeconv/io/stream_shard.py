@@ -1,0 +1,61 @@
+"""A safetensors file written tensor by tensor, so a shard never has to sit in memory whole.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header giving each
+tensor's dtype, shape and byte range, then the raw bytes. The converter knows every output
+tensor's name, shape and dtype before computing any of them (the plan), so the header can be
+written first and each layer's tensors appended as soon as they exist. The safetensors package
+only writes whole dicts, hence this small writer; files it writes are read back by safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPE_CODES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class StreamingShard:
+    """Write the tensors of `entries` ([(name, shape, dtype)], in that order) into `path`."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None):
+        self.path = path
+        self._order = [name for name, _, _ in entries]
+        self._spec = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        if name != expected:
+            raise RuntimeError(f"internal: shard {self.path.name} expected tensor {expected!r}, got {name!r}")
+        shape, dtype = self._spec[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, the plan said {shape} {dtype}")
+        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise RuntimeError(f"internal: shard {self.path.name} closed after {self._next} of {len(self._order)} tensors")
+        self._file.flush()
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
