@@ -120,8 +120,12 @@ class SafetensorsReader(CheckpointReader):
         return tuple(self._open(self._files[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        # safetensors hands out tensors backed by a memory map of the whole file; pages they touch stay
+        # resident (and count as ours) while any handle maps the file. A private copy from a handle that
+        # is closed at once keeps the process at one layer's worth of weights whatever the depth.
         try:
-            return self._open(self._files[name]).get_tensor(name)
+            with safe_open(str(self._files[name]), framework="pt") as handle:
+                return handle.get_tensor(name).clone()
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read tensor '{name}' from {self._files[name].name} ({err}); the file is corrupt") from None
 
