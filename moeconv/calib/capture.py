@@ -25,6 +25,10 @@ class _StopForward(Exception):
     pass
 
 
+class StopLayer(Exception):
+    """Raised by a hook to end a layer's forward on one batch once what it needed has been seen."""
+
+
 class _Catcher(torch.nn.Module):
     """Stands in for a decoder layer: records the extra arguments the model passes it."""
 
@@ -65,18 +69,23 @@ def tokenize_windows(tokenizer, source: TextSource, tokens: int, seqlen: int) ->
 class LayerRunner:
     """Walks the dense model layer by layer: hidden states in, FFN inputs and hidden states out."""
 
-    def __init__(self, reader: CheckpointReader, adapter: FamilyAdapter, windows: torch.Tensor, batch_size: int = 8,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(self, reader: CheckpointReader, adapter: FamilyAdapter | None, windows: torch.Tensor, batch_size: int = 8,
+                 device: torch.device = torch.device("cpu"), ffn_path: str | None = None):
+        """`ffn_path` ("model.layers.{i}.mlp") replaces the adapter's, e.g. for a moeconv checkpoint (adapter None)."""
         self.reader, self.adapter, self.device = reader, adapter, device
+        ffn_path = ffn_path or adapter.ffn_path
         config = reader.config
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            try:
+                self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            except ValueError:  # no sdpa for this family (gemma2)
+                self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         for name, _ in list(self.model.named_buffers()):  # rotary tables etc. are real, move them
             set_module_tensor_to_device(self.model, name, device)
-        layer0 = adapter.ffn_path.split(".{i}")[0]
+        layer0 = ffn_path.split(".{i}")[0]
         self.layers = self.model.get_submodule(layer0)
         self.layer_prefix = layer0
-        self.ffn_suffix = adapter.ffn_path.split("{i}.")[1]
+        self.ffn_suffix = ffn_path.split("{i}.")[1]
         for name, _ in self.model.named_parameters():
             if not name.startswith(layer0 + ".") and reader.has(name):
                 set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
@@ -104,31 +113,46 @@ class LayerRunner:
                 self.layers[i] = layer
         return hidden, args_by_size
 
-    def _materialize(self, index: int) -> torch.nn.Module:
+    def materialize(self, index: int) -> torch.nn.Module:
+        """Layer `index` with its source weights (fp32, on the device); release() puts it back on meta."""
         prefix = f"{self.layer_prefix}.{index}."
         layer = self.layers[index]
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(self.model, prefix + name, self.device, value=self.reader.get(prefix + name).float())
         return layer
 
+    def release(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def forward(self, index: int, layer: torch.nn.Module, update: bool = True) -> None:
+        """Run `layer` (materialized, possibly modified) on every batch; with `update`, its outputs become the
+        hidden states entering the next layer. Hooks may raise StopLayer to end a batch early (update=False)."""
+        with torch.inference_mode():
+            for b, h in enumerate(self.hidden):
+                args, kwargs = self.layer_args[h.shape[0]][index]
+                try:
+                    out = layer(h.to(self.device), *args, **kwargs)
+                except StopLayer:
+                    if update:
+                        raise
+                    continue
+                if update:
+                    self.hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+
     def run_layer(self, index: int, capture: bool = True) -> torch.Tensor | None:
         """Advance the hidden states through layer `index`; return its FFN inputs [T, d] (on CPU)."""
-        layer = self._materialize(index)
+        layer = self.materialize(index)
         captured: list[torch.Tensor] = []
         hook = None
         if capture:
             ffn = layer.get_submodule(self.ffn_suffix)
             hook = ffn.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]).cpu()))
         try:
-            with torch.inference_mode():
-                for b, h in enumerate(self.hidden):
-                    args, kwargs = self.layer_args[h.shape[0]][index]
-                    out = layer(h.to(self.device), *args, **kwargs)
-                    self.hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+            self.forward(index, layer)
         finally:
             if hook is not None:
                 hook.remove()
-            layer.to("meta")
+            self.release(index)
         return torch.cat(captured) if capture else None
 
     def state(self) -> torch.Tensor:

@@ -6,7 +6,8 @@ import fnmatch
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 
 EXPERT = re.compile(r"(^|\.)experts\.(\d+)\.")
 KEEP_HIGH_PRECISION = re.compile(r"(^|\.)(router|dag)(\.|$)")  # routers and DAG aggregators stay as they are
+
+
+@contextmanager
+def per_expert_modules() -> Iterator[None]:
+    """Route MoE blocks through their per-expert modules, not the fused kernel: the calibration hooks need every
+    expert Linear called, and the quantized checkpoint (QuantLinear experts) runs the per-expert path too."""
+    from moeconv.modeling.hf import moe_block
+
+    saved = moe_block._fused_moe_ffn
+    moe_block._fused_moe_ffn = None
+    try:
+        yield
+    finally:
+        moe_block._fused_moe_ffn = saved
 
 
 def expert_pattern(name: str) -> str:
@@ -90,10 +105,6 @@ def trace_stages(runner: LayerRunner, index: int, layer: nn.Module, modules: dic
                 stages.append([pattern])
             group_of[pattern] = len(stages) - 1
         prev_input, prev_group = x, group_of[pattern]
-    missing = sorted({expert_pattern(n) for n in modules} - set(group_of))
-    if missing:  # never called on calibration data: quantized last, without a Hessian
-        log.warning("layer %d: %s saw no calibration input; they get round-to-nearest", index, missing)
-        stages.append(missing)
     return stages
 
 
@@ -142,10 +153,6 @@ def quantize_layer(runner: LayerRunner, index: int, layer: nn.Module, modules: d
         accs = _collect(runner, index, layer, sources, block)
         H = torch.stack([a.finalize() for a in accs])  # [S, in, in] one per source (expert)
         counts = [a.num_samples for a in accs]
-        if not is_experts and counts[0] == 0:  # never called on calibration data
-            for name in (n for g in groups for n in g):
-                _record(result, modules[name], name, quantize_rtn(weight_of(modules[name]), spec), "rtn", None, 0)
-            continue
         use_rtn = [False] * len(accs)
         if is_experts:
             result.expert_tokens[stage[0]] = counts
@@ -172,6 +179,9 @@ def quantize_layer(runner: LayerRunner, index: int, layer: nn.Module, modules: d
                     method = "gptq (pooled hessian)"
                 error = float(relative_output_error(W[s], dequantize(q), H[s]))
                 _record(result, modules[name], name, q, method, error if math.isfinite(error) else None, counts[s])
+    for name in sorted(set(modules) - set(result.quantized)):  # never called on calibration data: no Hessian
+        log.warning("layer %d: %s saw no calibration input; round-to-nearest", index, name)
+        _record(result, modules[name], name, quantize_rtn(weight_of(modules[name]), spec), "rtn (never called)", None, 0)
     return result
 
 

@@ -1,0 +1,398 @@
+"""`quantize`: stream a dense or moeconv checkpoint into a quantized moeconv checkpoint, one decoder layer at a time."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import moeconv.io.load  # noqa: F401 - registers the moeconv config/model classes with transformers' Auto*
+from moeconv.calib.capture import LayerRunner, tokenize_windows
+from moeconv.calib.sources import load_text
+from moeconv.convert import DTYPES, HF_FILES, ProgressEvent, ProgressFn, _check_paths, _output_dtype, _save_tokenizer, _versions
+from moeconv.errors import CheckpointError, RecipeError
+from moeconv.io.adapters import adapter_for
+from moeconv.io.layout import output_config
+from moeconv.io.readers import CheckpointReader, open_checkpoint
+from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
+from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, buffer_specs
+from moeconv.quant import sub1
+from moeconv.quant.grids import QuantizedTensor, QuantSpec
+from moeconv.quant.packing import format_dict, pack, unpack
+from moeconv.quant.pipeline import LayerResult, per_expert_modules, quantizable, quantize_layer, rtn_layer, weight_of
+from moeconv.quant.recipe import QuantRecipe, dump_quant_recipe
+from moeconv.recipe import parse_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizePlan:
+    """Everything decided before any compute: shown by --dry-run."""
+
+    source: str
+    kind: str  # "dense" or "moe"
+    family: str
+    layers: int
+    format: str
+    group_size: int
+    method: str
+    dtype: str
+    calibration_tokens: int
+    modules: dict[str, list[int]]  # quantized module -> [out, in]
+    quantized_weights: int
+    bits_per_weight_estimate: float | None  # exact for intN/ternary; sub1 depends on the data
+    unit_bytes: list[int]
+    shards: list[list[int]]
+    peak_bytes_estimate: int
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(self.unit_bytes)
+
+
+def _source(reader: CheckpointReader, src: str) -> tuple[str, dict, object]:
+    """(kind, moe block for the output, adapter or None); refuses checkpoints that are already quantized."""
+    cfg = reader.config
+    if cfg.model_type == "moeconv":
+        moe = dict(cfg.moe)
+        if moe.get("quant"):
+            fmts = {f.get("format") for f in (moe["quant"].get("modules") or moe["quant"]).values() if isinstance(f, dict)}
+            raise CheckpointError(f"{src} is already quantized ({', '.join(sorted(map(str, fmts)))}); quantize its unquantized source instead")
+        return "moe", moe, None
+    if getattr(cfg, "quantization_config", None):
+        raise CheckpointError(f"{src} is already quantized ({cfg.quantization_config.get('quant_method', 'unknown method')}); "
+                              "quantize an unquantized checkpoint instead")
+    adapter = adapter_for(cfg)
+    moe = {"ffn_path": adapter.ffn_path, "layers": [], "num_experts": 0, "top_k": 0, "expert_size": 0, "shared_size": 0,
+           "quant": None}
+    return "dense", moe, adapter
+
+
+def _skeleton(reader: CheckpointReader) -> torch.nn.Module:
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(reader.config, attn_implementation="eager", dtype=torch.float32)
+
+
+def _check_group_size(spec: QuantSpec, modules: dict[str, list[int]]) -> None:
+    if spec.is_ternary or spec.group_size == -1:
+        return
+    bad = next((name for name, (_, cols) in modules.items() if cols % spec.group_size), None)
+    if bad is not None:
+        common = math.gcd(*(cols for _, cols in modules.values()))
+        ok = [g for g in range(8, common + 1) if common % g == 0]
+        raise RecipeError(f"group size {spec.group_size} does not divide the {modules[bad][1]} input features of {bad}; "
+                          f"use one of {', '.join(map(str, ok))} or -1 (one group per row)")
+
+
+def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[QuantizePlan, dict]:
+    kind, moe, _ = _source(reader, src)
+    prefix = moe["ffn_path"].split(".{i}")[0]
+    layers = reader.config.num_hidden_layers
+    skeleton = _skeleton(reader)
+    stack = skeleton.get_submodule(prefix)
+    modules: dict[str, list[int]] = {}
+    for i in range(layers):
+        for rel, m in quantizable(stack[i], f"{prefix}.{i}.", recipe.exclude).items():
+            modules[f"{prefix}.{i}.{rel}"] = list(weight_of(m).shape)
+    if not modules:
+        raise RecipeError(f"nothing to quantize in {src}: every linear is excluded; check the recipe's `exclude` patterns")
+    spec = recipe.spec
+    _check_group_size(spec, modules)
+    dtype = _output_dtype(recipe, reader)
+    tied = getattr(reader.config, "tie_word_embeddings", False)
+    unit_of = {}
+    for k in reader.keys():
+        if tied and k == "lm_head.weight":
+            continue
+        unit_of[k] = int(k[len(prefix) + 1 :].split(".")[0]) + 1 if k.startswith(prefix + ".") else 0
+    unit_bytes = [0] * (layers + 1)
+    weights = {f"{m}.weight" for m in modules}
+    for k, unit in unit_of.items():
+        if k not in weights:
+            shape = torch.Size(reader.shape(k))
+            unit_bytes[unit] += shape.numel() * DTYPES[dtype].itemsize
+    estimate_spec = QuantSpec("ternary") if spec.bits == "sub1" else spec  # sub1 is smaller than ternary
+    stored_bits = 0
+    for name, (rows, cols) in modules.items():
+        fmt = format_dict(estimate_spec, rows, cols)
+        bits = sum(torch.Size(s).numel() * d.itemsize * 8 for s, d in buffer_specs(fmt).values())
+        unit_bytes[int(name[len(prefix) + 1 :].split(".")[0]) + 1] += bits // 8
+        stored_bits += bits
+    n_weights = sum(r * c for r, c in modules.values())
+    calib = recipe.calibration.tokens if recipe.needs_calibration else 0
+    d = int(reader.config.hidden_size)
+    layer_bytes = max(unit_bytes[1:], default=0) * 8
+    peak = layer_bytes + calib * d * 4 * 3 + max(parse_size(recipe.max_shard_size), max(unit_bytes)) + unit_bytes[0]
+    plan = QuantizePlan(
+        source=src, kind=kind, family=reader.config.model_type if kind == "dense" else reader.config.base_config["model_type"],
+        layers=layers, format=spec.format, group_size=spec.group_size, method=recipe.method, dtype=dtype,
+        calibration_tokens=calib, modules=modules, quantized_weights=n_weights,
+        bits_per_weight_estimate=None if spec.bits == "sub1" else stored_bits / n_weights, unit_bytes=unit_bytes,
+        shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,
+    )
+    return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton}
+
+
+def fingerprint(reader: CheckpointReader, recipe: QuantRecipe, calib_fp: str) -> str:
+    blob = json.dumps({"source": reader.fingerprint(), "recipe": recipe.model_dump(mode="json"), "calib": calib_fp}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def quantize(
+    src: str,
+    out: str | Path,
+    recipe: QuantRecipe,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    device: torch.device = torch.device("cpu"),
+    progress: ProgressFn = lambda e: None,
+) -> QuantizePlan | dict:
+    """Quantize SRC's decoder-layer linears into a moeconv checkpoint at OUT.  Returns the plan (dry run) or the provenance."""
+    out = Path(out)
+    _check_paths(src, out)
+    progress(ProgressEvent("reading source"))
+    reader = open_checkpoint(src)
+    plan, ctx = make_plan(src, reader, recipe)
+    if dry_run:
+        return plan
+    windows, calib_fp = None, "none"
+    if recipe.needs_calibration:
+        progress(ProgressEvent("tokenizing calibration text"))
+        from transformers import AutoTokenizer
+
+        text = load_text(recipe.calibration.source, recipe.calibration.text_field)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
+        except (OSError, ValueError, TypeError, KeyError):
+            raise CheckpointError(f"{src} has no tokenizer, which GPTQ's calibration needs; add one or use --method rtn") from None
+        windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
+        calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
+    partial = PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force)
+    try:
+        return _run(reader, recipe, plan, ctx, partial, windows, calib_fp, device, progress)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise no_space_error(partial.path) from None
+        raise
+
+
+def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: PartialOutput, windows, calib_fp, device, progress) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
+    todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
+    first_layer = min((u - 1 for s in todo for u in plan.shards[s] if u > 0), default=plan.layers)
+    prefix, runner = ctx["prefix"], None
+    if windows is not None and first_layer < plan.layers:
+        progress(ProgressEvent("embedding calibration windows"))
+        runner = LayerRunner(reader, None, windows, batch_size=recipe.batch_size, device=device, ffn_path=ctx["moe"]["ffn_path"])
+        resume_state = partial.path / f"hidden-{first_layer}.safetensors"
+        if first_layer > 0 and resume_state.is_file():
+            runner.restore(load_file(str(resume_state))["hidden"])
+        elif first_layer > 0:
+            raise CheckpointError(f"{partial.path} lacks the saved hidden states of layer {first_layer}; rerun without --resume")
+    metrics_file = partial.path / "layer-metrics.json"
+    metrics: dict[str, dict] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    dtype = DTYPES[plan.dtype]
+    for s in todo:
+        tensors: dict[str, torch.Tensor] = {}
+        for unit in plan.shards[s]:
+            keys = [k for k, u in ctx["unit_of"].items() if u == unit]
+            if unit == 0:
+                tensors.update({k: _float(reader.get(k), dtype) for k in keys})
+                continue
+            i = unit - 1
+            result = _quantize_layer(reader, recipe, plan, ctx, runner, i, progress)
+            skip = {f"{prefix}.{i}.{rel}.weight" for rel in result.quantized}
+            tensors.update({k: _float(reader.get(k), dtype) for k in keys if k not in skip})
+            metrics[str(i)] = _pack_layer(result, f"{prefix}.{i}.", recipe, tensors)
+            progress(ProgressEvent("done", i, plan.layers, {"mean_error": _mean_error(metrics[str(i)])}))
+        progress(ProgressEvent("writing " + names[s]))
+        last_layer = max(plan.shards[s]) - 1
+        if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
+            save_file({"hidden": runner.state()}, str(partial.path / f"hidden-{last_layer + 1}.safetensors"))
+        partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
+        partial.write_shard(names[s], tensors)
+        for stale in partial.path.glob("hidden-*.safetensors"):
+            if stale.name != f"hidden-{last_layer + 1}.safetensors":
+                stale.unlink()
+    for stale in partial.path.glob("hidden-*.safetensors"):
+        stale.unlink()
+    if recipe.bits == "sub1":
+        _encode_sub1(partial, names, metrics, progress)
+    metrics_file.unlink(missing_ok=True)
+    return _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progress)
+
+
+def _float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _quantize_layer(reader, recipe, plan, ctx, runner, i, progress) -> LayerResult:
+    prefix = ctx["prefix"]
+    if runner is None:  # round-to-nearest needs only the weights
+        modules = quantizable(ctx["skeleton"].get_submodule(prefix)[i], f"{prefix}.{i}.", recipe.exclude)
+        weights = {}
+        for rel, m in modules.items():
+            w = reader.get(f"{prefix}.{i}.{rel}.weight").float()
+            weights[rel] = w if tuple(w.shape) == tuple(weight_of(m).shape) else w.t().contiguous()  # Conv1D: [in, out]
+        progress(ProgressEvent("rtn", i, plan.layers))
+        return rtn_layer(weights, recipe)
+    progress(ProgressEvent("materialize", i, plan.layers))
+    layer = runner.materialize(i)
+    try:
+        with per_expert_modules():
+            modules = quantizable(layer, f"{prefix}.{i}.", recipe.exclude)
+            result = quantize_layer(runner, i, layer, modules, recipe, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
+            progress(ProgressEvent("forward (quantized)", i, plan.layers))
+            runner.forward(i, layer, update=True)  # the next layer's inputs come from this quantized layer
+    finally:
+        runner.release(i)
+    return result
+
+
+def _pack_layer(result: LayerResult, prefix: str, recipe: QuantRecipe, tensors: dict) -> dict:
+    """Add the packed buffers of a layer to `tensors`; returns the layer's provenance entry.
+
+    sub1 matrices are stored as ternary until every layer is done: the shared dictionary needs all of them."""
+    entry: dict = {"tensors": {}, "expert_tokens": result.expert_tokens, "low_token_experts": sorted(result.sparse_experts)}
+    counts = torch.zeros(9, dtype=torch.int64)
+    for rel, q in result.quantized.items():
+        name = prefix + rel
+        if q.spec.bits == "sub1":
+            counts += sub1.pair_counts(q.codes)
+            q = QuantizedTensor(QuantSpec("ternary"), q.codes, lo_hi=q.lo_hi)
+        packed = pack(q)
+        tensors.update({f"{name}.{b}": t for b, t in packed.buffers.items()})
+        entry["tensors"][name] = {**result.tensors[rel], "format": {**packed.fmt, "method": recipe.method},
+                                  "bits_per_weight": packed.bits_per_weight(), "weights": packed.num_weights}
+        if recipe.bits == "sub1":
+            entry["tensors"][name]["format"]["format"] = "sub1"  # final format; buffers re-encoded at the end
+    if recipe.bits == "sub1":
+        entry["pair_counts"] = counts.tolist()
+    return entry
+
+
+def _mean_error(entry: dict) -> float:
+    errors = [t["error"] for t in entry["tensors"].values() if t["error"] is not None]
+    return sum(errors) / len(errors) if errors else float("nan")
+
+
+def _encode_sub1(partial: PartialOutput, names: list[str], metrics: dict, progress) -> None:
+    """Build the one shared dictionary from every layer's pair counts and re-encode the ternary buffers with it."""
+    from safetensors.torch import load_file
+
+    progress(ProgressEvent("building the sub1 dictionary"))
+    counts = sum(torch.tensor(m["pair_counts"]) for m in metrics.values())
+    dictionary = sub1.build_dictionary(counts)
+    fmts = {n: t for m in metrics.values() for n, t in m["tensors"].items()}
+    for s, shard in enumerate(names):
+        tensors = load_file(str(partial.path / shard))
+        pending = [n for n in fmts if f"{n}.qweight" in tensors]
+        if not pending and (s > 0 or SUB1_DICTIONARY_KEY in tensors):
+            continue  # already re-encoded by an interrupted run
+        progress(ProgressEvent(f"sub1 encoding {shard}"))
+        for name in pending:
+            entry = fmts[name]
+            ternary = {**entry["format"], "format": "ternary"}
+            q = unpack({"qweight": tensors.pop(f"{name}.qweight"), "lo_hi": tensors.pop(f"{name}.lo_hi")}, ternary)
+            packed = pack(QuantizedTensor(QuantSpec("sub1"), q.codes, lo_hi=q.lo_hi), dictionary, shared_dictionary=True)
+            packed.buffers.pop("dictionary")
+            tensors.update({f"{name}.{b}": t for b, t in packed.buffers.items()})
+            entry["format"] = {**packed.fmt, "method": entry["format"]["method"]}
+            entry["bits_per_weight"] = packed.bits_per_weight()
+        if s == 0:
+            tensors[SUB1_DICTIONARY_KEY] = dictionary.table
+        partial.write_shard(shard, tensors)
+    for name, entry in fmts.items():  # formats of shards finished by an interrupted run
+        if entry["format"].get("num_codes") is None:
+            with safe_open(str(partial.path / _shard_of(partial, names, f"{name}.codes")), framework="pt") as h:
+                codes = h.get_slice(f"{name}.codes").get_shape()[0]
+            entry["format"].update(num_codes=codes, dictionary_size=dictionary.size, shared_dictionary=True)
+            entry["bits_per_weight"] = (codes * 16 + entry["format"]["out_features"] * 64) / entry["weights"]
+
+
+def _shard_of(partial: PartialOutput, names: list[str], key: str) -> str:
+    for shard in names:
+        with safe_open(str(partial.path / shard), framework="pt") as h:
+            if key in h.keys():
+                return shard
+    raise CheckpointError(f"{partial.path} lost tensor {key}; rerun without --resume")
+
+
+def bits_summary(metrics: dict, dictionary_bits: int) -> dict:
+    """Bits per weight of all quantized linears and of the expert linears (shared sub1 dictionary included in both)."""
+    summary = {}
+    for scope, keep in (("quantized_linears", lambda n: True), ("experts", lambda n: ".experts." in n)):
+        entries = [t for m in metrics.values() for n, t in m["tensors"].items() if keep(n)]
+        weights = sum(t["weights"] for t in entries)
+        if weights:
+            bits = sum(t["bits_per_weight"] * t["weights"] for t in entries) + dictionary_bits
+            summary[scope] = {"bits_per_weight": bits / weights, "weights": weights}
+    return summary
+
+
+def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progress) -> dict:
+    progress(ProgressEvent("writing config, code and tokenizer"))
+    weight_map, bytes_of = {}, {}
+    for shard in names:
+        with safe_open(str(partial.path / shard), framework="pt") as h:
+            for key in h.keys():
+                sl = h.get_slice(key)
+                weight_map[key] = shard
+                bytes_of[key] = torch.Size(sl.get_shape()).numel() * _ITEMSIZE[sl.get_dtype()]
+    total = sum(bytes_of.values())
+    params = sum(torch.Size(reader.shape(k)).numel() for k in ctx["unit_of"])
+    partial.write_index(weight_map, total)
+    moe = dict(ctx["moe"])
+    spec = recipe.spec
+    moe["quant"] = {
+        "method": recipe.method,
+        "default": {"format": spec.format, "group_size": spec.group_size, "symmetric": spec.symmetric},
+        "modules": {n: t["format"] for m in metrics.values() for n, t in m["tensors"].items()},
+        "sub1_dictionary": SUB1_DICTIONARY_KEY if recipe.bits == "sub1" else None,
+    }
+    if plan.kind == "moe":
+        config = json.loads((Path(reader.path) / "config.json").read_text())
+        config["moe"], config["dtype"] = moe, plan.dtype
+    else:
+        config = output_config(reader.config, moe, plan.dtype)
+    partial.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hf = Path(__file__).parent / "modeling" / "hf"
+    for name in HF_FILES:
+        if (hf / name).is_file():
+            shutil.copyfile(hf / name, partial.path / name)
+    partial.write_text("recipe.yaml", dump_quant_recipe(recipe))
+    dictionary_bits = bytes_of.get(SUB1_DICTIONARY_KEY, 0) * 8
+    provenance = {
+        "source": plan.source,
+        "source_sha256": reader.fingerprint(),
+        "calibration": calib_fp,
+        "versions": _versions(),
+        "tokenizer": _save_tokenizer(reader, partial.path),
+        "quantization": {"format": spec.format, "group_size": spec.group_size, "method": recipe.method,
+                         "modules": len(moe["quant"]["modules"]), "sub1_dictionary_bits": dictionary_bits},
+        "bits": {**bits_summary(metrics, dictionary_bits),
+                 "whole_model": {"bits_per_parameter": 8 * total / max(params, 1), "parameters": params}},
+        "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
+    }
+    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    partial.finalize()
+    progress(ProgressEvent("complete"))
+    return provenance
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "U8": 1, "I8": 1, "BOOL": 1}

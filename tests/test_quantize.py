@@ -1,0 +1,229 @@
+"""quantize: round trips (load_model and standalone trust_remote_code) of dense and MoE sources, GPTQ vs RTN,
+MoE-aware Hessians, provenance, resume after SIGKILL, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_dense, sample_text, save_char_tokenizer
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moeconv.convert import convert
+from moeconv.errors import CheckpointError, DataError, RecipeError
+from moeconv.io.load import load_model
+from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY
+from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.quant.packing import unpack
+from moeconv.quant.recipe import load_quant_recipe
+from moeconv.quantize import quantize
+from moeconv.recipe import load_recipe
+
+STANDALONE = textwrap.dedent(
+    """
+    import sys, json, torch
+    sys.modules["moeconv"] = None  # only the checkpoint's own modeling files may run
+    from transformers import AutoModelForCausalLM
+    for out, ids, dest in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.save(model(torch.tensor(ids)).logits, dest)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """Tiny dense llama and gpt2 (Conv1D linears), a tiny MoE conversion of the llama, and calibration text."""
+    root = tmp_path_factory.mktemp("quant-src")
+    out = {"llama": build_dense("llama", root / "llama", intermediate_size=64), "gpt2": build_dense("gpt2", root / "gpt2")}
+    for folder in out.values():
+        save_char_tokenizer(folder)
+    out["text"] = root / "calib.txt"
+    out["text"].write_text(sample_text())
+    out["moe"] = root / "moe"
+    convert(str(out["llama"]), out["moe"], load_recipe(None, {"experts": 4, "top_k": 2, "train_router": False}))
+    return out
+
+
+def _recipe(sources, **overrides):
+    base = {"group_size": 8, "calibration.source": str(sources["text"]), "calibration.tokens": 1024, "calibration.seqlen": 64,
+            "batch_size": 4}
+    return load_quant_recipe(None, {**base, **overrides})
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+def _reference(src: Path, out: Path) -> torch.nn.Module:
+    """The source model with every quantized weight replaced by the dequantized checkpoint buffers."""
+    model = load_model(src, device="cpu", attn_implementation="eager")
+    config = json.loads((out / "config.json").read_text())
+    quant = config["moe"]["quant"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    table = None
+    if quant["sub1_dictionary"]:
+        with safe_open(str(out / index[SUB1_DICTIONARY_KEY]), framework="pt") as h:
+            table = h.get_tensor(SUB1_DICTIONARY_KEY)
+    for name, fmt in quant["modules"].items():
+        buffers = {}
+        for key in [k for k in index if k.startswith(name + ".") and k.count(".") == name.count(".") + 1 and not k.endswith(".bias")]:
+            with safe_open(str(out / index[key]), framework="pt") as h:
+                buffers[key[len(name) + 1 :]] = h.get_tensor(key)
+        if fmt["format"] == "sub1":
+            buffers["dictionary"] = table
+        w = dequantize(unpack(buffers, fmt))  # [out, in]
+        module = model.get_submodule(name)
+        module.weight.data = w.t().contiguous() if type(module).__name__ == "Conv1D" else w
+    return model.eval()
+
+
+def _logits(model, ids=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids() if ids is None else ids).logits
+
+
+@pytest.mark.parametrize(("source", "bits"), [("llama", "4"), ("gpt2", "3"), ("moe", "sub1"), ("moe", "2")])
+def test_round_trip_load_model_and_standalone(sources, tmp_path, source, bits):
+    out = tmp_path / "q"
+    provenance = quantize(str(sources[source]), out, _recipe(sources, bits=bits))
+    expected = _logits(_reference(sources[source], out))
+    loaded = load_model(out, device="cpu", attn_implementation="eager")
+    assert type(loaded).__name__ == "MoeconvForCausalLM"
+    assert torch.allclose(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, _logits(load_model(sources[source], device="cpu", attn_implementation="eager")))
+
+    dest = tmp_path / "standalone.pt"
+    subprocess.run([sys.executable, "-c", STANDALONE, json.dumps([[str(out), _ids().tolist(), str(dest)]])], check=True, cwd=tmp_path)
+    assert torch.allclose(torch.load(dest, weights_only=True), expected, atol=1e-5, rtol=1e-5)
+
+    quant = json.loads((out / "config.json").read_text())["moe"]["quant"]
+    assert quant["default"]["format"] == (bits if bits in ("ternary", "sub1") else f"int{bits}")
+    assert all(".router" not in n and "norm" not in n for n in quant["modules"])
+    bits_info = provenance["bits"]["quantized_linears"]
+    per_tensor = [t for layer in provenance["layers"].values() for t in layer["tensors"].values()]
+    assert len(per_tensor) == len(quant["modules"]) and bits_info["weights"] == sum(t["weights"] for t in per_tensor)
+    if bits == "sub1":
+        with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as h:
+            keys = list(h.keys())
+        assert keys.count(SUB1_DICTIONARY_KEY) == 1 and not any(k.endswith(".dictionary") for k in keys)
+        assert bits_info["bits_per_weight"] > 1.0  # tiny matrices: the shared 2^16-entry table dominates here
+    else:  # intN: codes + an fp16 scale and a packed zero point per group of 8 (int3 pads rows to 8-value chunks)
+        assert all(int(bits) + 2 + int(bits) / 8 <= t["bits_per_weight"] <= int(bits) + 2 + 1.5 for t in per_tensor)
+
+
+def test_rtn_matches_tensor_level_rtn(sources, tmp_path):
+    out = tmp_path / "rtn"
+    quantize(str(sources["llama"]), out, _recipe(sources, bits="4", method="rtn"))
+    dense = AutoModelForCausalLM.from_pretrained(sources["llama"], dtype=torch.float32)
+    model = _reference(sources["llama"], out)
+    for name in json.loads((out / "config.json").read_text())["moe"]["quant"]["modules"]:
+        w = dense.get_submodule(name).weight.detach()
+        assert torch.equal(model.get_submodule(name).weight, dequantize(quantize_rtn(w, QuantSpec(4, 8)))), name
+
+
+def test_gptq_beats_rtn_end_to_end(sources, tmp_path):
+    """Held-out logits of the layer-sequential GPTQ model are closer to the source model's than RTN's, at 4 and 3 bits."""
+    held_out = sample_text(chars=400, seed=11)[:256]  # same kind of text as the calibration, unseen
+    ids = torch.tensor([ord(c) - 31 for c in held_out]).view(4, 64)  # the char tokenizer of conftest
+    ref = _logits(load_model(sources["llama"], device="cpu", attn_implementation="eager"), ids)
+    for bits in ("4", "3"):
+        errors = {}
+        for method in ("gptq", "rtn"):
+            out = tmp_path / f"{bits}-{method}"
+            recipe = _recipe(sources, bits=bits, method=method, group_size=-1, **{"calibration.tokens": 4096})
+            quantize(str(sources["llama"]), out, recipe)
+            errors[method] = ((_logits(load_model(out, device="cpu", attn_implementation="eager"), ids) - ref).norm() / ref.norm()).item()
+        assert errors["gptq"] < errors["rtn"], (bits, errors)
+
+
+def test_moe_expert_hessians_and_sparse_experts(sources, tmp_path):
+    prov = quantize(str(sources["moe"]), tmp_path / "a", _recipe(sources, bits="4"))
+    layer = prov["layers"]["0"]
+    counts = layer["expert_tokens"]["mlp.experts.*.up_proj"]  # an expert calls up_proj first
+    assert len(counts) == 4 and sum(counts) == 1024 * 2  # every (token, selected expert) pair, top-2
+    assert layer["expert_tokens"]["mlp.experts.*.down_proj"] == counts
+    assert layer["tensors"]["model.layers.0.mlp.experts.1.up_proj"]["tokens"] == counts[1]
+    assert layer["low_token_experts"] == []
+
+    pooled = quantize(str(sources["moe"]), tmp_path / "b", _recipe(sources, bits="4", min_expert_tokens=10**6))
+    rtn = quantize(str(sources["moe"]), tmp_path / "c", _recipe(sources, bits="4", min_expert_tokens=10**6, sparse_experts="rtn"))
+    for prov, method in ((pooled, "gptq (pooled hessian)"), (rtn, "rtn (too few tokens)")):
+        assert prov["layers"]["1"]["low_token_experts"] == [0, 1, 2, 3]
+        assert prov["layers"]["1"]["tensors"]["model.layers.1.mlp.experts.2.down_proj"]["method"] == method
+        assert prov["layers"]["1"]["tensors"]["model.layers.1.self_attn.q_proj"]["method"] == "gptq"
+
+
+def test_dry_run_writes_nothing(sources, tmp_path):
+    plan = quantize(str(sources["moe"]), tmp_path / "never", _recipe(sources, bits="3"), dry_run=True)
+    assert plan.kind == "moe" and plan.format == "int3" and plan.layers == 2
+    assert "model.layers.1.mlp.experts.3.down_proj" in plan.modules and not any("router" in n for n in plan.modules)
+    assert 3 + 2 + 3 / 8 <= plan.bits_per_weight_estimate <= 3 + 2 + 1.5
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_bad_inputs_raise_one_line_errors(sources, tmp_path):
+    with pytest.raises(RecipeError, match="unsupported width"):
+        _recipe(sources, bits="5")
+    with pytest.raises(RecipeError, match=r"group size 7 does not divide .*use one of 8, 16, 32 or -1"):
+        quantize(str(sources["llama"]), tmp_path / "g", _recipe(sources, group_size=7))
+    with pytest.raises(DataError, match=r"has \d+ tokens but 65536 are needed"):
+        quantize(str(sources["llama"]), tmp_path / "t", _recipe(sources, **{"calibration.tokens": 65536}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        quantize(str(sources["llama"]), tmp_path / "e", _recipe(sources, **{"calibration.source": str(empty)}))
+    done = tmp_path / "done"
+    quantize(str(sources["llama"]), done, _recipe(sources, method="rtn"))
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize(str(done), tmp_path / "again", _recipe(sources, method="rtn"))
+
+
+def test_cli_errors_are_one_line(sources, tmp_path):
+    cmd = [sys.executable, "-m", "moeconv.cli.app", "quantize", str(sources["llama"]), str(tmp_path / "x"), "--method", "rtn"]
+    for extra, needle in ((["--bits", "5"], "unsupported width"), (["--bits", "4", "--group-size", "7"], "does not divide")):
+        result = subprocess.run(cmd + extra, capture_output=True, text=True)
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = subprocess.run(cmd + ["--bits", "4", "--group-size", "8", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["bits"]["quantized_linears"]["bits_per_weight"] > 4
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=6)
+    save_char_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text())
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "moeconv.cli.app", "quantize", str(src), str(out), "--bits", "sub1", "--calib", str(text),
+                "--calib-tokens", "512", "--seqlen", "64", "--max-shard-size", "1KB", "-q", *extra]
+
+    subprocess.run(cmd(tmp_path / "reference"), check=True)
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    proc = subprocess.Popen(cmd(out))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads((partial / "progress.json").read_text())["shards"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            done = {}
+        if len(done) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not out.exists() and partial.is_dir()
+    subprocess.run(cmd(out, "--resume"), check=True)
+    files = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}  # noqa: E731
+    assert files(out) == files(tmp_path / "reference")
