@@ -5,7 +5,11 @@ from __future__ import annotations
 import typer
 
 from moeconv.cli.convert_cmd import convert_command
+from moeconv.cli.dag_cmd import dag_command
+from moeconv.cli.eval_cmd import eval_command
+from moeconv.cli.heal_cmd import heal_command
 from moeconv.cli.info_cmds import env_command, inspect_command
+from moeconv.cli.quantize_cmd import quantize_command
 
 app = typer.Typer(
     name="moeconv",
@@ -15,15 +19,12 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("convert")(convert_command)
+app.command("quantize")(quantize_command)
+app.command("eval")(eval_command)
+app.command("dag")(dag_command)
+app.command("heal")(heal_command)
 app.command("inspect")(inspect_command)
 app.command("env")(env_command)
-
-try:  # commands contributed by modules that may be absent in a partial install
-    from moeconv.cli.eval_cmd import eval_command
-
-    app.command("eval")(eval_command)
-except ImportError:
-    pass
 
 
 def main() -> None:

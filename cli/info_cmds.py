@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeconv.cli.common import emit_json, guarded, stdout
+from moeconv.cli.common import emit_json, guarded, setup_logging, stdout
 from moeconv.inspect import inspect_checkpoint
 
 
@@ -56,5 +56,6 @@ def env_info() -> dict:
 @guarded
 def env_command(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Versions, devices and which native kernels are built."""
+    setup_logging(0, quiet=json_out)  # JSON on stdout stays clean of build warnings
     info = env_info()
     emit_json(info) if json_out else _show("moeconv env", info)

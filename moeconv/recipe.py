@@ -49,6 +49,13 @@ class ConvertRecipe(Strict):
         parse_size(v)
         return v
 
+    @field_validator("heal")
+    @classmethod
+    def _heal(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            raise ValueError("healing is its own step for now: run `moeconv heal OUT HEALED --teacher SRC` after convert")
+        return v
+
     @field_validator("dag")
     @classmethod
     def _dag(cls, v: dict | None) -> dict | None:

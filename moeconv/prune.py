@@ -1,0 +1,111 @@
+"""Static structured FFN pruning baseline: keep each layer's neurons of largest mean |activation| (a smaller dense model)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from moeconv.errors import MoeconvError, RecipeError
+from moeconv.io.adapters import FamilyAdapter, adapter_for
+
+log = logging.getLogger(__name__)
+
+
+def _layers(model: nn.Module) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.num_hidden_layers)
+
+
+def _ffn(model: nn.Module, adapter: FamilyAdapter, i: int) -> nn.Module:
+    return model.get_submodule(adapter.ffn_path.format(i=i))
+
+
+@torch.no_grad()
+def neuron_importance(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
+    """Mean |intermediate activation| of every FFN neuron, per layer, over windows [N, L].  -> layers x [d_ff]
+
+    The intermediate activation is the down projection's input: act(gate(x)) * up(x), or act(up(x)).
+    """
+    adapter = adapter_for(model.config)
+    device = next(model.parameters()).device
+    sums: list[torch.Tensor | None] = [None] * _layers(model)
+    counts = [0] * len(sums)
+
+    def hook(i: int):
+        def record(module: nn.Module, args: tuple) -> None:
+            h = args[0].detach().float().flatten(0, -2)  # [T, d_ff]
+            total = h.abs().sum(0)  # [d_ff]
+            sums[i] = total if sums[i] is None else sums[i] + total
+            counts[i] += h.shape[0]
+        return record
+
+    handles = [getattr(_ffn(model, adapter, i), adapter.down).register_forward_pre_hook(hook(i)) for i in range(len(sums))]
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, windows.shape[0], batch):
+            model(input_ids=windows[b : b + batch].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if any(s is None for s in sums):
+        raise MoeconvError("pruning saw no FFN activations; pass calibration windows with at least one token")
+    return [s.cpu() / c for s, c in zip(sums, counts, strict=True)]
+
+
+def _rows(param: nn.Parameter, idx: torch.Tensor, dim: int) -> nn.Parameter:
+    return nn.Parameter(param.data.index_select(dim, idx.to(param.device)).clone(), requires_grad=param.requires_grad)
+
+
+def _slice_ffn(ffn: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor, d_ff: int) -> None:
+    """Keep neurons `keep` [k] of one FFN module, in place (Linear [out, in] or gpt2 Conv1D [in, out])."""
+    inputs = [adapter.fused_gate_up] if adapter.fused_gate_up else [n for n in (adapter.gate, adapter.up) if n]
+    for name in inputs:
+        lin = getattr(ffn, name)
+        idx = torch.cat([keep, keep + d_ff]) if name == adapter.fused_gate_up else keep  # fused: gate rows, then up rows
+        out_dim = 1 if adapter.conv1d else 0
+        lin.weight = _rows(lin.weight, idx, out_dim)
+        if getattr(lin, "bias", None) is not None:
+            lin.bias = _rows(lin.bias, idx, 0)
+        if adapter.conv1d:
+            lin.nf = idx.numel()
+        else:
+            lin.out_features = idx.numel()
+    down = getattr(ffn, adapter.down)
+    down.weight = _rows(down.weight, keep, 0 if adapter.conv1d else 1)
+    if not adapter.conv1d:
+        down.in_features = keep.numel()
+
+
+def prune_ffn_to_active(
+    model: nn.Module, keep_fraction: float, calib_windows: torch.Tensor, *, keep: int | None = None, batch: int = 4
+) -> nn.Module:
+    """Shrink every FFN of a dense HF causal LM to its `keep` (default round(keep_fraction * d_ff)) neurons of
+    largest mean |activation| on calib_windows [N, L]; in place, config updated; returns the model.
+
+    To match a MoE with top_k of E experts (plus S shared neurons), keep = top_k * expert_size + S:
+    the pruned model then has the same number of active FFN neurons per token.
+    """
+    adapter = adapter_for(model.config)  # refuses MoE / unsupported families
+    d_ff = adapter.d_ff(model.config)
+    if keep is None:
+        if not 0 < keep_fraction <= 1:
+            raise RecipeError(f"keep_fraction {keep_fraction} is outside (0, 1]; pass the fraction of FFN neurons to keep")
+        keep = max(1, int(round(keep_fraction * d_ff)))
+    if not 1 <= keep <= d_ff:
+        raise RecipeError(f"cannot keep {keep} of {d_ff} FFN neurons; pass 1 <= keep <= {d_ff}")
+    importance = neuron_importance(model, calib_windows, batch)
+    kept_mass = []
+    for i, score in enumerate(importance):
+        chosen = torch.topk(score, keep).indices.sort().values  # [keep], in the original neuron order
+        kept_mass.append(float(score[chosen].sum() / score.sum().clamp_min(1e-30)))
+        _slice_ffn(_ffn(model, adapter, i), adapter, chosen, d_ff)
+    key = adapter.d_ff_keys[0]
+    setattr(model.config, key, keep)
+    log.info("pruned FFNs to %d of %d neurons; kept %.3f of the activation mass on average", keep, d_ff,
+             sum(kept_mass) / len(kept_mass))
+    model.prune_metrics = {"d_ff": d_ff, "kept": keep, "layers": len(importance), "kept_activation_mass": kept_mass}
+    return model

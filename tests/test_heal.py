@@ -1,0 +1,264 @@
+"""Heal (end-to-end distillation): lowers held-out KL, per-group router clip, exact resume, bad inputs; pruning baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moeconv.heal as heal_mod
+from conftest import build_dense, sample_text, save_char_tokenizer
+from moeconv.calib.sources import TextSource
+from moeconv.cli.app import app
+from moeconv.convert import convert
+from moeconv.errors import DataError, MoeconvError, RecipeError
+from moeconv.heal import HealConfig, distill_metrics, heal, heal_config, parameter_groups, straight_through_routing
+from moeconv.io.load import load_model, load_tokenizer
+from moeconv.prune import neuron_importance, prune_ffn_to_active
+from moeconv.recipe import load_recipe
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a loaded 2-core machine are orders of magnitude slower with 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heal")
+    # A larger init than the default 0.02 makes the logits far from uniform, so KL is not trivially ~0.
+    dense = build_dense("llama", root / "dense", initializer_range=0.2)
+    save_char_tokenizer(dense)
+    train = root / "train.txt"
+    train.write_text(sample_text(40000, seed=0))
+    moe = root / "moe"
+    convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(train),
+                                                "calibration.tokens": 512, "calibration.seqlen": 64}))
+    tok = load_tokenizer(moe)
+    held = torch.tensor(tok(sample_text(6000, seed=7))["input_ids"][: 16 * SEQ]).view(16, SEQ)
+    return {"root": root, "dense": dense, "moe": moe, "train": train, "tok": tok, "held": held}
+
+
+def _cfg(models, **kw) -> HealConfig:
+    base = dict(tokens=SEQ * 4 * 8, seqlen=SEQ, batch=4, micro_batch=2, lr=3e-3, warmup=0.1, source=str(models["train"]),
+                checkpoint_every=0)
+    return HealConfig(**{**base, **kw})
+
+
+def _load(models, which="moe"):
+    return load_model(models[which], device="cpu")
+
+
+def _body(model) -> dict[str, torch.Tensor]:
+    groups = parameter_groups(model)
+    return {n: p.detach().clone() for g in heal_mod.BODY for n, p in groups[g]}
+
+
+def _routers(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in parameter_groups(model)["router"]}
+
+
+def _delta(after: dict, before: dict) -> float:
+    return math.sqrt(sum(float((after[n] - before[n]).pow(2).sum()) for n in before))
+
+
+def test_heal_lowers_heldout_kl(models):
+    student, teacher = _load(models), _load(models, "dense")
+    before = distill_metrics(student, teacher, models["held"], 8)
+    metrics = heal(student, teacher, models["tok"], _cfg(models, tokens=SEQ * 4 * 32, kl_weight=1.0, ce_weight=0.0))
+    after = distill_metrics(student, teacher, models["held"], 8)
+    assert before["kl"] > 0.05, before  # the converted student really differs from its teacher
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    assert metrics["steps"] == 32 and len(metrics["history"]) == 32 and metrics["tokens"] == 32 * 4 * SEQ
+    for key in ("grad_norm_router", "grad_norm_ffn", "grad_norm_attention", "grad_norm_other", "grad_norm_body"):
+        assert all(math.isfinite(h[key]) for h in metrics["history"]), key
+    assert metrics["train_router"] and metrics["straight_through_blocks"] == 2
+    assert not student.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_straight_through_keeps_forward_and_feeds_router(models):
+    student = _load(models)
+    x = models["held"][:2]
+    plain = student(input_ids=x).logits
+    plain.sum().backward()
+    assert all(p.grad is None for _, p in parameter_groups(student)["router"])  # hard top-k: no router gradient
+    with straight_through_routing(student, True) as patched:
+        ste = student(input_ids=x).logits
+        ste.sum().backward()
+    assert patched == 2 and torch.equal(plain, ste)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in parameter_groups(student)["router"])
+    assert "route" not in vars(student.model.layers[0].mlp)  # patch removed
+
+
+def _explode_router(model, factor=1e8):
+    return [p.register_hook(lambda g: g * factor) for _, p in parameter_groups(model)["router"]]
+
+
+def test_exploding_router_gradient_does_not_starve_other_groups(models, monkeypatch):
+    teacher = _load(models, "dense")
+    cfg = _cfg(models, tokens=SEQ * 4 * 4)
+    runs = {}
+    for name, explode in (("normal", False), ("exploding", True)):
+        student = _load(models)
+        body0, router0 = _body(student), _routers(student)
+        hooks = _explode_router(student) if explode else []
+        metrics = heal(student, teacher, models["tok"], cfg)
+        for h in hooks:
+            h.remove()
+        runs[name] = (metrics, _delta(_body(student), body0), _delta(_routers(student), router0))
+    (m_n, body_n, router_n), (m_x, body_x, router_x) = runs["normal"], runs["exploding"]
+    assert m_x["grad_norm_max"]["router"] > 1e5 * max(m_n["grad_norm_max"]["router"], 1e-3)  # the explosion is real
+    assert m_x["grad_norm_max"]["body"] < 100  # the rest of the model's gradient stays ordinary
+    assert 0.5 < body_x / body_n < 2.0, (body_x, body_n)  # and it still learns at its normal pace
+    assert 0 < router_x < 10 * max(router_n, 1e-6) and math.isfinite(router_x)
+
+    # The same construction under one global clip (the measured pitfall) starves every other parameter.
+    def global_clip(accelerator, params, body_params, config, state):
+        everything = [p for g in heal_mod.GROUPS for p in params[g]]
+        return {"grad_norm_router": 0.0, "grad_norm_body": float(accelerator.clip_grad_norm_(everything, config.clip))}
+
+    monkeypatch.setattr(heal_mod, "_clip_groups", global_clip)
+    student = _load(models)
+    body0 = _body(student)
+    hooks = _explode_router(student)
+    heal(student, teacher, models["tok"], cfg)
+    for h in hooks:
+        h.remove()
+    assert _delta(_body(student), body0) < 0.1 * body_n
+
+
+def test_frozen_router_stays_exact(models):
+    student, teacher = _load(models), _load(models, "dense")
+    body0, router0 = _body(student), _routers(student)
+    metrics = heal(student, teacher, models["tok"], _cfg(models, tokens=SEQ * 4 * 2, freeze_router=True))
+    assert not metrics["train_router"] and metrics["grad_norm_max"]["router"] == 0.0
+    assert all(torch.equal(router0[n], p) for n, p in _routers(student).items())
+    assert _delta(_body(student), body0) > 0
+
+
+def test_interrupted_heal_resumes_to_identical_weights(models, tmp_path):
+    teacher = _load(models, "dense")
+    cfg = _cfg(models, tokens=SEQ * 4 * 5, checkpoint_every=2)
+    reference = _load(models)
+    ref_metrics = heal(reference, teacher, models["tok"], cfg, tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(event):
+        if event.stage == "step" and event.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        heal(_load(models), teacher, models["tok"], cfg, tmp_path / "b", stop_at_3)
+    assert json.loads((tmp_path / "b" / "heal.json").read_text())["step"] == 2
+    resumed = _load(models)  # a fresh process would load the unhealed student again
+    metrics = heal(resumed, teacher, models["tok"], cfg, tmp_path / "b")
+    assert metrics["resumed_from_step"] == 2
+    ref_state, got = reference.state_dict(), resumed.state_dict()
+    assert all(torch.equal(ref_state[n], got[n]) for n in ref_state)
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in ref_metrics["history"]]
+    # A checkpoint of another recipe is refused rather than silently mixed in.
+    with pytest.raises(MoeconvError, match="another student, recipe or text"):
+        heal(_load(models), teacher, models["tok"], cfg.model_copy(update={"lr": 1e-3}), tmp_path / "b")
+
+
+def test_bad_inputs_are_one_line_errors(models, tmp_path):
+    student, tok = _load(models), models["tok"]
+    other = load_model(build_dense("llama", tmp_path / "v80", vocab_size=80), device="cpu")
+    with pytest.raises(MoeconvError, match=r"teacher vocabulary \(80\) differs from the student's \(96\)"):
+        heal(student, other, tok, _cfg(models))
+    short = TextSource("short", ["the of and to " * 10])
+    with pytest.raises(DataError, match=r"heal text 'short' has 140 tokens but 1024 are needed") as err:
+        heal(student, _load(models, "dense"), tok, _cfg(models), text=short)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="micro_batch 8 exceeds batch 4"):
+        heal(student, _load(models, "dense"), tok, _cfg(models, micro_batch=8))
+    with pytest.raises(RecipeError, match="unknown field 'lrate'"):
+        heal_config({"lrate": 1.0})
+    with pytest.raises(RecipeError, match="'tokens'"):
+        heal_config({"tokens": 0})
+
+
+def _masked_reference(model, keep: list[torch.Tensor], x: torch.Tensor, down: str, path: str) -> torch.Tensor:
+    """The unpruned model with every non-kept neuron's activation zeroed: what the pruned model must compute."""
+    hooks = []
+    for i, idx in enumerate(keep):
+        mask = torch.zeros(model.get_submodule(path.format(i=i) + "." + down).weight.shape[0 if down == "c_proj" else 1])
+        mask[idx] = 1
+        hooks.append(model.get_submodule(path.format(i=i) + "." + down).register_forward_pre_hook(
+            lambda m, a, mask=mask: (a[0] * mask,)))
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    for h in hooks:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("family,down,path", [("llama", "down_proj", "model.layers.{i}.mlp"),
+                                              ("phi3", "down_proj", "model.layers.{i}.mlp"),
+                                              ("gpt2", "c_proj", "transformer.h.{i}.mlp")])
+def test_prune_keeps_top_neurons_exactly(family, down, path, tmp_path):
+    src = build_dense(family, tmp_path / family)
+    model = load_model(src, device="cpu")
+    calib = torch.randint(1, 96, (4, SEQ), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(1, 96, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    keep = [s.topk(36).indices for s in neuron_importance(model, calib)]
+    expected = _masked_reference(model, keep, x, down, path)
+    prune_ffn_to_active(model, 0.5, calib)
+    assert model.prune_metrics["kept"] == 36
+    with torch.no_grad():
+        got = model(input_ids=x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = load_model(tmp_path / "pruned", device="cpu")
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, got)
+    with pytest.raises(RecipeError, match="keep_fraction"):
+        prune_ffn_to_active(load_model(src, device="cpu"), 1.5, calib)
+
+
+def test_heal_on_pruned_dense_student(models):
+    student, teacher = _load(models, "dense"), _load(models, "dense")
+    prune_ffn_to_active(student, 0.5, models["held"][:4])
+    assert parameter_groups(student)["router"] == []
+    before = distill_metrics(student, teacher, models["held"], 8)
+    metrics = heal(student, teacher, models["tok"], _cfg(models, tokens=SEQ * 4 * 32, kl_weight=1.0, ce_weight=0.0))
+    assert not metrics["train_router"]
+    assert distill_metrics(student, teacher, models["held"], 8)["kl"] < 0.8 * before["kl"]
+
+
+def test_cli_heal_writes_student_format_and_resumes(models, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "healed"
+    args = ["heal", str(models["moe"]), str(out), "--teacher", str(models["dense"]), "--heal-tokens", str(SEQ * 4 * 2),
+            "--heal-source", str(models["train"]), "--seqlen", str(SEQ), "--batch", "4", "--lr", "1e-3", "--device", "cpu",
+            "--eval-tokens", str(SEQ * 4), "--eval-source", str(models["train"]), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["eval"]["after"]["kl"] < summary["eval"]["before"]["kl"]
+    from safetensors.torch import load_file
+
+    (shard,) = [f.name for f in models["moe"].glob("*.safetensors")]
+    src, dst = load_file(str(models["moe"] / shard)), load_file(str(out / shard))
+    assert src.keys() == dst.keys() and all(src[k].dtype == dst[k].dtype and src[k].shape == dst[k].shape for k in src)
+    assert any(not torch.equal(src[k], dst[k]) for k in src)
+    assert (out / "config.json").read_text() == (models["moe"] / "config.json").read_text()
+    assert (out / "heal.json").is_file() and not (out / "heal-state").exists()
+    healed = load_model(out, device="cpu")
+    assert all(torch.equal(healed.state_dict()[k], dst[k]) for k in dst)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = runner.invoke(app, ["heal", str(models["moe"]), str(tmp_path / "x"), "--teacher", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
