@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -37,20 +37,20 @@ def _plan_table(plan: ConvertPlan) -> Table:
 def convert_command(
     src: Annotated[str, typer.Argument(help="dense model: a folder, a .gguf file, or a Hub id when online")],
     out: Annotated[Path, typer.Argument(help="output folder (written to OUT.partial/ first)")],
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe, e.g. configs/dot-moe.yaml")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="number of experts E")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="experts per token k")] = None,
-    method: Annotated[Optional[str], typer.Option(help="partitioner: random, kmeans, coact, dot")] = None,
-    shared_neurons: Annotated[Optional[int], typer.Option(help="always-active neurons")] = None,
-    scoring: Annotated[Optional[str], typer.Option(help="router scoring: none, softmax, sigmoid")] = None,
-    calib: Annotated[Optional[str], typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
-    calib_tokens: Annotated[Optional[int], typer.Option(help="calibration tokens")] = None,
-    seqlen: Annotated[Optional[int], typer.Option(help="calibration window length")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe, e.g. configs/dot-moe.yaml")] = None,
+    experts: Annotated[int | None, typer.Option(help="number of experts E")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="experts per token k")] = None,
+    method: Annotated[str | None, typer.Option(help="partitioner: random, kmeans, coact, dot")] = None,
+    shared_neurons: Annotated[int | None, typer.Option(help="always-active neurons")] = None,
+    scoring: Annotated[str | None, typer.Option(help="router scoring: none, softmax, sigmoid")] = None,
+    calib: Annotated[str | None, typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
+    calib_tokens: Annotated[int | None, typer.Option(help="calibration tokens")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="calibration window length")] = None,
     dag: Annotated[bool, typer.Option("--dag", help="add a DAG-MoE aggregator (recipe defaults), distilled per layer")] = False,
     no_router_training: Annotated[bool, typer.Option(help="keep an untrained router (only for top_k == experts)")] = False,
-    dtype: Annotated[Optional[str], typer.Option(help="output dtype: auto, float32, bfloat16, float16")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="e.g. 1GB, 200MB")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option(help="output dtype: auto, float32, bfloat16, float16")] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="e.g. 1GB, 200MB")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     force: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,

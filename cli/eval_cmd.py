@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from moeconv.cli.common import console, emit_json, guarded, setup_logging, stdout
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moeconv.cli.common import console, emit_json, guarded, setup_logging, stdout
 from moeconv.eval.compare import compare, is_results_file, load_results, results_document
 from moeconv.eval.perplexity import DEFAULT_DATA, EvalResult, EvalSettings, evaluate_model
 from moeconv.eval.report import human, ratio, short_name, write_report

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
 from rich.table import Table
 
+from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
 from moeconv.io.load import resolve_device
 from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import QuantizePlan, quantize

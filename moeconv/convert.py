@@ -157,7 +157,7 @@ def convert(
         raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
     _check_weights_finite(reader, [n for i in range(plan.layers) for n in adapter.ffn_tensor_names(i, reader.config)])
 
-    runner, calib_fp = None, "none"
+    windows, calib_fp = None, "none"
     if plan.calibration_tokens:
         progress(ProgressEvent("tokenizing calibration text"))
         from transformers import AutoTokenizer
@@ -168,7 +168,7 @@ def convert(
         calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
     partial = PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force)
     try:
-        return _run(reader, adapter, recipe, plan, layout, partial, windows if plan.calibration_tokens else None, calib_fp, device, progress)
+        return _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise no_space_error(partial.path) from None
@@ -209,7 +209,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                     if runner is not None:
                         progress(ProgressEvent("capture", i, plan.layers))
                         ctx.calib = runner.run_layer(i)
-                    run_layer_stages(ctx, partitioner, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
+                    run_layer_stages(ctx, partitioner, lambda stage, i=i: progress(ProgressEvent(stage, i, plan.layers)))
                     metrics[str(i)] = ctx.metrics
                     progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
                     tensors = layout.layer_tensors(i, build_block(ctx, layout.d_model))

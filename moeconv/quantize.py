@@ -30,8 +30,8 @@ from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor, QuantSpec
 from moeconv.quant.packing import format_dict, pack, unpack
 from moeconv.quant.pipeline import LayerResult, per_expert_modules, quantizable, quantize_layer, rtn_layer, weight_of
-from moeconv.quant.recipe import QuantRecipe, dump_quant_recipe
-from moeconv.recipe import parse_size
+from moeconv.quant.recipe import QuantRecipe
+from moeconv.recipe import dump_recipe, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
     for name in HF_FILES:
         if (hf / name).is_file():
             shutil.copyfile(hf / name, partial.path / name)
-    partial.write_text("recipe.yaml", dump_quant_recipe(recipe))
+    partial.write_text("recipe.yaml", dump_recipe(recipe))
     dictionary_bits = bytes_of.get(SUB1_DICTIONARY_KEY, 0) * 8
     provenance = {
         "source": plan.source,

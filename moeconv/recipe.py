@@ -89,15 +89,15 @@ def _first_error(err: ValidationError, where: str) -> RecipeError:
     return RecipeError(f"{where}: field '{field}': {e['msg']}")
 
 
-def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
-    """A recipe from YAML (or defaults), with CLI overrides (dotted keys allowed: 'partition.method')."""
+def load_yaml_recipe(model: type[BaseModel], path: str | Path | None, overrides: dict[str, Any] | None, example: str):
+    """A `model` recipe from YAML (or defaults), with CLI overrides (dotted keys allowed: 'partition.method')."""
     data: dict[str, Any] = {}
     where = "recipe"
     if path is not None:
         p = Path(path)
         where = str(p)
         if not p.is_file():
-            raise RecipeError(f"recipe {p} does not exist; pass a YAML file such as configs/dot-moe.yaml")
+            raise RecipeError(f"recipe {p} does not exist; pass a YAML file such as {example}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
@@ -113,10 +113,14 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        return ConvertRecipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise _first_error(err, where) from None
 
 
-def dump_recipe(recipe: ConvertRecipe) -> str:
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
+    return load_yaml_recipe(ConvertRecipe, path, overrides, "configs/dot-moe.yaml")
+
+
+def dump_recipe(recipe: BaseModel) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

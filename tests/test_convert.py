@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
+from conftest import FAMILIES
 from moeconv.convert import convert
 from moeconv.inspect import inspect_checkpoint
 from moeconv.io.load import load_model
@@ -51,7 +51,7 @@ def test_identity_conversion_is_exact_standalone(dense_models, tmp_path):
             expected[family] = dense(_ids()).logits
         jobs.append((str(out), _ids().tolist(), str(tmp_path / f"{family}.pt")))
     subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(jobs)], check=True, cwd=tmp_path)
-    for family, (_, _, dest) in zip(dense_models, jobs):
+    for family, (_, _, dest) in zip(dense_models, jobs, strict=True):
         got = torch.load(dest, weights_only=True)
         rel = (got - expected[family]).norm() / expected[family].norm()
         assert rel < 1e-5, f"{family}: relative logit error {rel:.2e}"

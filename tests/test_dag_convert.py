@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_dense, sample_text, save_char_tokenizer
 
+from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.convert import convert
 from moeconv.errors import RecipeError
 from moeconv.io.load import load_model

@@ -11,13 +11,13 @@ import types
 import pytest
 import torch
 import typer
-from moeconv.cli.eval_cmd import eval_command
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from moeconv.calib.sources import TextSource
 from moeconv.calib.tokenize import cut_windows, tokenize_source, tokenize_text
+from moeconv.cli.eval_cmd import eval_command
 from moeconv.errors import DataError
 from moeconv.eval import EvalSettings, count_parameters, evaluate_model, evaluate_perplexity
 from moeconv.eval.stats import RoutingRecorder, find_moe_layers

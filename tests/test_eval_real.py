@@ -24,10 +24,9 @@ SEQLEN, MAX_TOKENS = 1024, 4096  # 4 windows: affordable on 2 CPU cores
 
 
 def test_gguf_perplexity_equals_plain_transformers_loop(tmp_path):
-    from moeconv.cli.eval_cmd import eval_command
-
     from moeconv.calib.sources import load_text
     from moeconv.calib.tokenize import tokenize_text
+    from moeconv.cli.eval_cmd import eval_command
 
     app = typer.Typer()
     app.command()(eval_command)

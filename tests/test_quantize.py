@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_dense, sample_text, save_char_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.convert import convert
 from moeconv.errors import CheckpointError, DataError, RecipeError
 from moeconv.io.load import load_model

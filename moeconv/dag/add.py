@@ -71,7 +71,7 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     progress("capturing MoE inputs", None, len(blocks))
     inputs = _capture_inputs(model, blocks, windows, device)
     metrics, new_tensors = {}, {}
-    for n, (i, block, x) in enumerate(zip(moe["layers"], blocks, inputs)):
+    for n, (i, block, x) in enumerate(zip(moe["layers"], blocks, inputs, strict=True)):
         progress("dag", n, len(blocks))
         block.dag = None
         with torch.no_grad():  # the dense FFN's output is every expert summed (scoring "none")

@@ -7,9 +7,8 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from moeconv.errors import RecipeError
 from moeconv.quant.grids import QuantSpec
-from moeconv.recipe import CalibrationSpec, Strict, _first_error, parse_size
+from moeconv.recipe import CalibrationSpec, Strict, load_yaml_recipe, parse_size
 
 BITS_CHOICES = ("8", "4", "3", "2", "ternary", "sub1")
 
@@ -69,33 +67,4 @@ class QuantRecipe(Strict):
 
 
 def load_quant_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> QuantRecipe:
-    """A recipe from YAML (or defaults) with CLI overrides (dotted keys allowed: 'calibration.tokens')."""
-    data: dict[str, Any] = {}
-    where = "quantization recipe"
-    if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise RecipeError(f"recipe {p} does not exist; pass a YAML file such as configs/gptq-int4.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{p} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p} must hold a mapping of recipe fields at the top level")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    try:
-        return QuantRecipe.model_validate(data)
-    except ValidationError as err:
-        raise _first_error(err, where) from None
-
-
-def dump_quant_recipe(recipe: QuantRecipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return load_yaml_recipe(QuantRecipe, path, overrides, "configs/gptq-int4.yaml")
