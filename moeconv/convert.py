@@ -213,7 +213,10 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                     metrics[str(i)] = ctx.metrics
                     progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
                     tensors = layout.layer_tensors(i, build_block(ctx, layout.d_model))
-                for name, _, _ in layout.unit_entries(unit):
+                planned = [name for name, _, _ in layout.unit_entries(unit)]
+                if set(planned) != set(tensors):
+                    raise RuntimeError(f"internal: unit {unit} tensors {sorted(set(tensors) ^ set(planned))} differ from the plan")
+                for name in planned:
                     shard.write(name, tensors[name])
                 del tensors
             partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))

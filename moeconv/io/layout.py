@@ -83,6 +83,10 @@ class LayerLayout:
         self.d_model = int(config.hidden_size)
         with torch.device("meta"):
             block = MoeconvMoeBlock(self.d_model, moe)
+            if moe.get("dag"):
+                from moeconv.modeling.hf.dag import DagAggregator
+
+                block.dag = DagAggregator(self.d_model, moe["top_k"], **moe["dag"])
         self._block_shapes = {k: (tuple(v.shape), v.dtype) for k, v in block.state_dict().items()}
         self._expert_params = sum(p.numel() for p in block.experts[0].parameters())
 
