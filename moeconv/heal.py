@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource
 from moeconv.errors import CheckpointError, DataError, MoeconvError, RecipeError
 from moeconv.io.writer import PartialOutput
@@ -114,19 +115,8 @@ class _HealState:
 def training_windows(tokenizer, source: TextSource, config: HealConfig) -> torch.Tensor:
     """The first steps*batch windows of the source, shuffled by the seed.  -> [steps * batch, seqlen]"""
     windows = config.steps() * config.batch
-    need = windows * config.seqlen
-    text, ids = source.text, []
-    step = max(4 * need, 1 << 16)
-    for start in range(0, len(text), step):  # tokenize only as much text as the budget needs
-        ids.extend(tokenizer(text[start : start + step], add_special_tokens=False)["input_ids"])
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise DataError(
-            f"heal text '{source.name}' has {len(ids)} tokens but {need} are needed ({windows} windows of "
-            f"{config.seqlen}); pass more text (--heal-source) or lower --heal-tokens"
-        )
-    stream = torch.tensor(ids[:need]).view(windows, config.seqlen)  # [W, L]
+    stream = tokenize_windows(tokenizer, source, windows * config.seqlen, config.seqlen, purpose="heal",
+                              fix="pass more text (--heal-source) or lower --heal-tokens")  # [W, L]
     order = torch.randperm(windows, generator=torch.Generator().manual_seed(config.seed))
     return stream[order]
 

@@ -47,7 +47,8 @@ class _Catcher(torch.nn.Module):
         return hidden
 
 
-def tokenize_windows(tokenizer, source: TextSource, tokens: int, seqlen: int) -> torch.Tensor:
+def tokenize_windows(tokenizer, source: TextSource, tokens: int, seqlen: int, purpose: str = "calibration",
+                     fix: str = "pass more text or lower --calib-tokens / the seqlen") -> torch.Tensor:
     """The first `tokens` tokens of the source (rounded up to whole windows).  -> [n, seqlen]"""
     windows = -(-tokens // seqlen)
     need = windows * seqlen
@@ -60,8 +61,8 @@ def tokenize_windows(tokenizer, source: TextSource, tokens: int, seqlen: int) ->
             break
     if len(ids) < need:
         raise DataError(
-            f"calibration text '{source.name}' has {len(ids)} tokens but {need} are needed "
-            f"({windows} windows of {seqlen}); pass more text or lower --calib-tokens / the seqlen"
+            f"{purpose} text '{source.name}' has {len(ids)} tokens but {need} are needed "
+            f"({windows} windows of {seqlen}); {fix}"
         )
     return torch.tensor(ids[:need]).view(windows, seqlen)
 
