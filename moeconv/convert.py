@@ -20,7 +20,6 @@ from moeconv.io.adapters import FamilyAdapter, adapter_for
 from moeconv.io.layout import LayerLayout, moe_settings, output_config
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
-from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
 from moeconv.partition import get_partitioner
 from moeconv.recipe import ConvertRecipe, dump_recipe, parse_size
 from moeconv.stages import LayerContext, build_block, run_layer_stages
@@ -279,4 +278,4 @@ def _versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}
 
 
-__all__ = ["convert", "make_plan", "ConvertPlan", "ProgressEvent", "MoeconvMoeBlock"]
+__all__ = ["convert", "make_plan", "ConvertPlan", "ProgressEvent"]
