@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from moeconv.errors import MoeconvError
 
@@ -76,6 +77,14 @@ def layer_progress(enabled: bool):
             bar.update(task, **fields)
 
         yield update
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column table, as --dry-run plans and inspect show them."""
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
 
 
 def emit_json(data) -> None:

@@ -9,14 +9,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
+from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progress, setup_logging, stdout
 from moeconv.convert import ConvertPlan, convert
 from moeconv.io.load import resolve_device
 from moeconv.recipe import load_recipe
 
 
 def _plan_table(plan: ConvertPlan) -> Table:
-    table = Table(title=f"plan: {plan.source}", show_header=False)
     rows = [
         ("family", plan.family),
         ("layers", str(plan.layers)),
@@ -28,9 +27,7 @@ def _plan_table(plan: ConvertPlan) -> Table:
         ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
         ("tensors", f"{len(plan.tensors)} (first: {', '.join(plan.tensors[:3])} ...)"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+    return key_value_table(f"plan: {plan.source}", rows)
 
 
 @guarded

@@ -9,14 +9,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
+from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progress, setup_logging, stdout
 from moeconv.io.load import resolve_device
 from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import QuantizePlan, quantize
 
 
 def _plan_table(plan: QuantizePlan) -> Table:
-    table = Table(title=f"plan: {plan.source}", show_header=False)
     bits = "data-dependent (< ternary's 2 + 32/in)" if plan.bits_per_weight_estimate is None else f"{plan.bits_per_weight_estimate:.3f}"
     group = "per row" if plan.group_size == -1 else str(plan.group_size)
     names = list(plan.modules)
@@ -29,9 +28,7 @@ def _plan_table(plan: QuantizePlan) -> Table:
         ("calibration", f"{plan.calibration_tokens} tokens"),
         ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+    return key_value_table(f"plan: {plan.source}", rows)
 
 
 @guarded

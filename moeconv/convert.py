@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
@@ -127,7 +128,8 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     return plan, layout
 
 
-def fingerprint(reader: CheckpointReader, recipe: ConvertRecipe, calib_fp: str) -> str:
+def fingerprint(reader: CheckpointReader, recipe: BaseModel, calib_fp: str) -> str:
+    """Identifies (source, recipe, calibration data): a partial output may only be resumed under the same one."""
     blob = json.dumps({"source": reader.fingerprint(), "recipe": recipe.model_dump(mode="json"), "calib": calib_fp}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

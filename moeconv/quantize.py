@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -19,7 +18,17 @@ from transformers import AutoModelForCausalLM
 import moeconv.io.load  # noqa: F401 - registers the moeconv config/model classes with transformers' Auto*
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.convert import DTYPES, HF_FILES, ProgressEvent, ProgressFn, _check_paths, _output_dtype, _save_tokenizer, _versions
+from moeconv.convert import (
+    DTYPES,
+    HF_FILES,
+    ProgressEvent,
+    ProgressFn,
+    _check_paths,
+    _output_dtype,
+    _save_tokenizer,
+    _versions,
+    fingerprint,
+)
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.io.adapters import adapter_for
 from moeconv.io.layout import output_config
@@ -142,11 +151,6 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,
     )
     return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton}
-
-
-def fingerprint(reader: CheckpointReader, recipe: QuantRecipe, calib_fp: str) -> str:
-    blob = json.dumps({"source": reader.fingerprint(), "recipe": recipe.model_dump(mode="json"), "calib": calib_fp}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def quantize(
