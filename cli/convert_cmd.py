@@ -44,6 +44,8 @@ def convert_command(
     calib_tokens: Annotated[int | None, typer.Option(help="calibration tokens")] = None,
     seqlen: Annotated[int | None, typer.Option(help="calibration window length")] = None,
     dag: Annotated[bool, typer.Option("--dag", help="add a DAG-MoE aggregator (recipe defaults), distilled per layer")] = False,
+    heal_tokens: Annotated[int | None, typer.Option(help="heal the MoE end to end on N tokens after partitioning")] = None,
+    heal_source: Annotated[str | None, typer.Option(help="heal text (default: the calibration text)")] = None,
     no_router_training: Annotated[bool, typer.Option(help="keep an untrained router (only for top_k == experts)")] = False,
     dtype: Annotated[str | None, typer.Option(help="output dtype: auto, float32, bfloat16, float16")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="e.g. 1GB, 200MB")] = None,
@@ -66,6 +68,8 @@ def convert_command(
     }
     if dag:
         overrides["dag"] = {}
+    if heal_tokens is not None or heal_source is not None:
+        overrides.update({"heal.tokens": heal_tokens, "heal.source": heal_source or calib})
     resolved = load_recipe(recipe, overrides)
     with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:
         result = convert(src, out, resolved, force=force, resume=resume, dry_run=dry_run,

@@ -27,6 +27,7 @@ from moeconv.stages import LayerContext, build_block, run_layer_stages
 
 log = logging.getLogger(__name__)
 HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
+HEAL_STATE = "heal-state"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -227,7 +228,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
         for stale in partial.path.glob("hidden-*.safetensors"):
             if stale.name != f"hidden-{last_layer + 1}.safetensors":
                 stale.unlink()
-    for stale in [*partial.path.glob("hidden-*.safetensors"), metrics_file]:
+    for stale in partial.path.glob("hidden-*.safetensors"):
         stale.unlink(missing_ok=True)
     return _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, progress)
 
@@ -252,10 +253,39 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, pro
         "parameters": {"total": plan.total_params, "active": plan.active_params},
         "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
     }
+    if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place
+        provenance["heal"] = _heal_partial(plan.source, partial, recipe, progress)
     partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    (partial.path / "layer-metrics.json").unlink(missing_ok=True)  # kept until here: a resumed heal still reports them
     partial.finalize()
     progress(ProgressEvent("complete"))
     return provenance
+
+
+def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, progress: ProgressFn) -> dict:
+    """Distil the dense source into the MoE written at OUT.partial and rewrite its shards.  -> heal metrics
+
+    Checkpoints live in OUT.partial/heal-state; heal saves one after its last step too, so a run killed
+    while the healed shards are rewritten resumes from that state rather than from mixed shards.
+    """
+    from moeconv.heal import HealEvent, heal, write_like_student
+    from moeconv.io.load import load_model, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() and recipe.heal.mixed_precision != "no" else "cpu"
+    progress(ProgressEvent("loading student and teacher for heal"))
+    student = load_model(partial.path, "float32", device)
+    teacher = load_model(src, "float32", device)
+    tokenizer = load_tokenizer(src)
+
+    def on_event(event: HealEvent) -> None:
+        if event.stage == "step":
+            progress(ProgressEvent(f"heal step {event.step}/{event.steps}, KL {event.metrics['kl']:.3f}"))
+
+    metrics = heal(student, teacher, tokenizer, recipe.heal, partial.path / HEAL_STATE, on_event, device=device)
+    progress(ProgressEvent("writing healed weights"))
+    write_like_student(student, partial.path, partial)
+    shutil.rmtree(partial.path / HEAL_STATE, ignore_errors=True)
+    return {k: v for k, v in metrics.items() if k != "config"}
 
 
 def _save_tokenizer(reader: CheckpointReader, folder: Path) -> bool:

@@ -60,7 +60,7 @@ class HealConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
     clip: float = Field(1.0, gt=0, description="gradient-norm clip of all non-router parameters together")
     router_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the routers, on their own")
-    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: none)")
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: only after the last step)")
     log_every: int = Field(1, ge=1, description="optimizer steps averaged into one history entry")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     seed: int = 0
@@ -385,8 +385,9 @@ def heal(
                     state.history.append({"step": state.step, **entry})
                     window_acc = []
                 progress(HealEvent("step", state.step, steps, {"loss": loss_v, "kl": kl_v, "ce": ce_v, "grad_norm": norms}))
-                if checkpoint_dir is not None and config.checkpoint_every and state.step % config.checkpoint_every == 0 \
-                        and state.step < steps:
+                # The last step is always saved: a caller killed while writing the result resumes from it.
+                if checkpoint_dir is not None and (state.step == steps or (
+                        config.checkpoint_every and state.step % config.checkpoint_every == 0)):
                     _save_checkpoint(accelerator, checkpoint_dir, fingerprint, state.step)
                     progress(HealEvent("checkpoint", state.step, steps))
     finally:

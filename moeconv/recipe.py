@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeconv.errors import RecipeError
+from moeconv.heal import HealConfig
 
 
 class Strict(BaseModel):
@@ -22,7 +23,7 @@ class PartitionSpec(Strict):
 
 class CalibrationSpec(Strict):
     source: str = "shakespeare"  # built-in corpus, file or folder; see moeconv.calib.sources
-    tokens: int = Field(32768, ge=1)
+    tokens: int = Field(16384, ge=1)
     seqlen: int = Field(512, ge=8)
     text_field: str = "text"
 
@@ -38,7 +39,7 @@ class ConvertRecipe(Strict):
     train_router: bool = True  # False: keep a random router (only sensible with top_k == experts)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     dag: dict[str, Any] | None = None
-    heal: dict[str, Any] | None = None
+    heal: HealConfig | None = None  # end-to-end distillation of the whole MoE model after the layer stages
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "1GB"
     seed: int = 0
@@ -47,13 +48,6 @@ class ConvertRecipe(Strict):
     @classmethod
     def _size(cls, v: str) -> str:
         parse_size(v)
-        return v
-
-    @field_validator("heal")
-    @classmethod
-    def _heal(cls, v: dict | None) -> dict | None:
-        if v is not None:
-            raise ValueError("healing is its own step for now: run `moeconv heal OUT HEALED --teacher SRC` after convert")
         return v
 
     @field_validator("dag")

@@ -262,3 +262,56 @@ def test_cli_heal_writes_student_format_and_resumes(models, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["heal", str(models["moe"]), str(tmp_path / "x"), "--teacher", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def _convert_heal_recipe(models, heal_tokens: int):
+    return load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(models["train"]),
+                              "calibration.tokens": 512, "calibration.seqlen": 64,
+                              "heal": {"tokens": heal_tokens, "seqlen": SEQ, "batch": 4, "micro_batch": 2, "lr": 3e-3,
+                                       "warmup": 0.1, "kl_weight": 1.0, "ce_weight": 0.0, "source": str(models["train"]),
+                                       "checkpoint_every": 0}})
+
+
+def test_convert_with_heal_block_heals_and_resumes_after_a_crash_while_writing(models, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    recipe = _convert_heal_recipe(models, SEQ * 4 * 16)
+    out = tmp_path / "healed"
+    provenance = convert(str(models["dense"]), out, recipe)
+    assert provenance["heal"]["steps"] == 16 and provenance["heal"]["tokens"] == SEQ * 4 * 16
+    assert set(provenance["layers"]) == {"0", "1"}  # the per-layer metrics survive the heal
+    assert not (out / "heal-state").exists() and not (out / "layer-metrics.json").exists()
+    healed, plain = load_model(out, device="cpu"), load_model(models["moe"], device="cpu")
+    assert distill_metrics(healed, _load(models, "dense"), models["held"])["kl"] < \
+        distill_metrics(plain, _load(models, "dense"), models["held"])["kl"]
+
+    # Killed while the healed shards are rewritten: --resume must finish from the saved last step.
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal_mod, "write_like_student", crash)
+    again = tmp_path / "again"
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(models["dense"]), again, recipe)
+    assert (tmp_path / "again.partial" / "heal-state").is_dir() and not again.exists()
+    monkeypatch.undo()
+    resumed = convert(str(models["dense"]), again, recipe, resume=True)
+    assert resumed["heal"]["resumed_from_step"] == 16 and set(resumed["layers"]) == {"0", "1"}
+    for shard in out.glob("*.safetensors"):
+        a, b = load_file(str(shard)), load_file(str(again / shard.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_cli_heal_tokens_flag_and_bad_heal_block(models, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["convert", str(models["dense"]), str(out), "--experts", "4", "--top-k", "2", "--calib", str(models["train"]),
+            "--calib-tokens", "512", "--seqlen", "64", "--heal-tokens", "64", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    heal_info = json.loads(result.stdout)["heal"]
+    assert heal_info["steps"] == 1 and heal_info["text"].endswith("train.txt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("experts: 4\ntop_k: 2\nheal:\n  tokns: 10\n")
+    bad = runner.invoke(app, ["convert", str(models["dense"]), str(tmp_path / "x"), "--recipe", str(recipe)])
+    assert bad.exit_code == 2 and "heal.tokns" in bad.output and len(bad.output.strip().splitlines()) == 1

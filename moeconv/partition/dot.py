@@ -23,20 +23,20 @@ logger = logging.getLogger(__name__)
 
 class DotConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(150, ge=1, description="optimizer steps")
-    batch: int = Field(1024, ge=1, description="tokens per step")
-    max_tokens: int = Field(8192, ge=16, description="calibration tokens drawn for training")
+    steps: int = Field(80, ge=1, description="optimizer steps")
+    batch: int = Field(512, ge=1, description="tokens per step")
+    max_tokens: int = Field(16384, ge=16, description="calibration tokens drawn for training")
     init: Literal["normal", "kmeans", "coact"] = Field("coact", description="start of the affinity logits A")
     init_std: float = Field(0.01, ge=0, description="std of the N(0, std²) part of A's start")
     init_scale: float = Field(1.0, ge=0, description="logit given to the cheap partition's expert when init != normal")
     router_warmup_steps: int = Field(
-        100, ge=0, description="steps fitting the router to the starting partition's oracle before joint training"
+        50, ge=0, description="steps fitting the router to the starting partition's oracle before joint training"
     )
     lr_affinity: float = Field(5e-2, gt=0, description="AdamW peak lr of A")
     lr_router: float = Field(1e-3, gt=0, description="AdamW peak lr of the router during joint training")
     weight_decay: float = Field(1e-4, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear lr warm-up, then cosine to 0")
-    sinkhorn_iterations: int = Field(30, ge=1)
+    sinkhorn_iterations: int = Field(10, ge=1)
     tau_start: float = Field(1.0, gt=0)
     tau_end: float = Field(0.1, gt=0)
     tau_anneal_fraction: float = Field(0.2, ge=0, le=1, description="share of steps over which tau goes start -> end")

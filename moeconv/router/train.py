@@ -28,7 +28,7 @@ class RouterConfig(BaseModel):
     """How the router of one layer is trained on captured FFN inputs."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(300, ge=0, description="optimizer steps (0 keeps the initial router)")
+    steps: int = Field(150, ge=0, description="optimizer steps (0 keeps the initial router)")
     lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate (cosine decay to 0)")
     weight_decay: float = Field(0.0, ge=0)
     batch: int = Field(4096, ge=1, description="tokens per step")
