@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --json          # the same rows as JSON
     python benchmarks/kernels.py --quick         # SmolLM2 shapes only, T <= 64
     python benchmarks/kernels.py --threads 1     # on a crowded machine: 2-thread OpenMP GEMMs stall
+    MOECONV_CPU_ISA=avx512 python benchmarks/kernels.py   # force a lower CPU kernel path to compare
 
 Every row is measured in one run: best wall time of repeated calls after a warm-up.
 ratios are baseline_time / moe_ffn_time (above 1: moe_ffn is faster).  The MoE weights are the

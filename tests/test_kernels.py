@@ -154,6 +154,83 @@ def test_moe_ffn_every_k(impl, k, seed):
     assert err <= 1e-5, f"{impl[0]} k={k}: rel err {err:.3e} (seed {seed})"
 
 
+needs_bf16_dot = pytest.mark.skipif(
+    "avx512bf16" not in CPU_ISAS, reason="CPU (or build) lacks avx512_bf16: the bf16 dot-product path cannot run here"
+)
+
+
+# (T, E, k, s, d): odd T, E not a power of 2, d and s off the 32-element vector (masked tails).
+BF16_DOT_SHAPES = [(1, 3, 1, 1, 1), (5, 7, 7, 35, 33), (23, 6, 3, 64, 96), (17, 5, 2, 31, 130), (70, 3, 1, 9, 40)]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("routing", ["random", "one", "sparse"])
+@pytest.mark.parametrize("gated, bias, activation", [(True, False, "silu"), (False, True, "gelu_tanh"), (True, True, "relu")])
+@pytest.mark.parametrize("shape", BF16_DOT_SHAPES, ids=lambda c: "T{}E{}k{}s{}d{}".format(*c))
+def test_bf16_dot_path_matches_reference(shape, gated, bias, activation, routing, seed):
+    """The AVX512-BF16 tile (4 rows x 1-4 tokens, masked tails, tree reduction) on awkward shapes."""
+    T, E, k, s, d = shape
+    p = make_problem(T, E, k, s, d, gated, bias, torch.bfloat16, routing)
+    if routing == "one":
+        assert int(p["ids"][:, 0].eq(E // 2).sum()) == T, "every token must reach expert E // 2"
+    want = expected(p, activation)
+    for path in (ops.PATH_STREAM, ops.PATH_AUTO):
+        got = run_impl(("bf16dot", "cpu", "avx512bf16", path), p, activation)  # poisoned output
+        err = rel_err(got, want)
+        assert err <= TOL[torch.bfloat16], f"avx512bf16 path {path} {shape} {routing}: rel err {err:.3e} (seed {seed})"
+
+
+@needs_bf16_dot
+def test_bf16_dot_path_every_k_and_empty_experts(seed):
+    T, E, s, d = 13, 6, 20, 45
+    for k in range(1, E + 1):
+        for routing in ("random", "sparse"):  # sparse leaves E - k - 1 experts without tokens
+            p = make_problem(T, E, k, s, d, True, False, torch.bfloat16, routing)
+            got = run_impl(("bf16dot", "cpu", "avx512bf16", ops.PATH_STREAM), p, "silu")
+            err = rel_err(got, expected(p, "silu"))
+            assert err <= TOL[torch.bfloat16], f"k={k} {routing}: rel err {err:.3e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_cpu_path_agrees(dtype, seed):
+    """All vector paths this CPU has give the same answer (fp32: to rounding; bf16: within the bf16 bound)."""
+    if not CPU_ISAS:
+        pytest.skip("CPU kernels not loaded")
+    p = make_problem(29, 7, 3, 37, 70, True, True, dtype, "random")
+    outs = {isa: run_impl((isa, "cpu", isa, ops.PATH_STREAM), p, "silu") for isa in CPU_ISAS}
+    base = outs["generic"]
+    for isa, out in outs.items():
+        err = rel_err(out, base)
+        assert err <= (2e-6 if dtype == torch.float32 else TOL[dtype]), f"{isa} vs generic: {err:.3e} (seed {seed})"
+
+
+def test_forced_cpu_isa_env_var_selects_the_generic_path(seed):
+    """MOECONV_CPU_ISA=generic makes the dispatcher (and `moeconv env`) use the portable path."""
+    if not native.cpu_build().loaded:
+        pytest.skip("CPU kernels not loaded")
+    script = (
+        "import torch\n"
+        "import moeconv.kernels as K\n"
+        "from moeconv.kernels import native\n"
+        "print(native.cpu_isa())\n"
+        "print(K.kernel_status()['moe_ffn'])\n"
+    )
+    env = {**os.environ, native.CPU_ISA_ENV: "generic", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "generic" and "cpu: native generic [" in lines[1], lines
+
+
+def test_unknown_forced_cpu_isa_raises_a_clear_error():
+    if not native.cpu_build().loaded:
+        pytest.skip("CPU kernels not loaded")
+    with pytest.raises(MoeconvError, match="MOECONV_CPU_ISA='sse' is not a CPU kernel path"):
+        native._force_cpu_isa("sse")
+    with pytest.raises(RuntimeError, match="not available"):
+        native.set_cpu_isa("avx1024")
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
 def test_all_experts_with_unit_weights_is_the_dense_ffn(device, seed):
     """moeconv's default ("none" scoring, k == E) must reproduce the dense FFN it was cut from."""

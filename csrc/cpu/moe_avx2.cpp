@@ -51,7 +51,7 @@ struct V {
 
 namespace moeconv_cpu {
 const KernelTable* table_avx2() {
-  static const KernelTable table{"avx2", &avx2::up_rows, &avx2::down_cols};
+  static const KernelTable table{"avx2", &avx2::up_rows, &avx2::down_cols, false};
   return &table;
 }
 }  // namespace moeconv_cpu

@@ -47,7 +47,7 @@ struct V {
 
 namespace moeconv_cpu {
 const KernelTable* table_avx512() {
-  static const KernelTable table{"avx512", &avx512::up_rows, &avx512::down_cols};
+  static const KernelTable table{"avx512", &avx512::up_rows, &avx512::down_cols, false};
   return &table;
 }
 }  // namespace moeconv_cpu

@@ -20,13 +20,15 @@ struct DecodeArgs {
   const int64_t* pair_start = nullptr;  // [n_active + 1]
   const int64_t* pair_token = nullptr;  // [P] token of each sorted pair
   const float* pair_weight = nullptr;   // [P] routing weight of each sorted pair
-  const float* x = nullptr;             // [T, d] float32
+  const float* x = nullptr;             // [T, d] float32 (null for bf16_operands kernels on bf16)
+  const void* x_bf16 = nullptr;         // [T, d] bfloat16, set only for bf16_operands kernels on bf16
   const void* w_gate = nullptr;         // [E, s, d] dtype, or null (non-gated)
   const void* w_up = nullptr;           // [E, s, d] dtype
   const void* w_down = nullptr;         // [E, d, s] dtype
   const float* b_gate = nullptr;        // [E, s] float32 or null
   const float* b_up = nullptr;          // [E, s] float32 or null
   float* h = nullptr;                   // [P, s] float32 scratch (intermediate activations)
+  void* h_bf16 = nullptr;               // [P, s] bfloat16 activations, only for bf16_operands kernels
   float* acc = nullptr;                 // [T, d] float32 accumulator (may alias out for float32)
   void* out = nullptr;                  // [T, d] dtype
 };
@@ -37,10 +39,14 @@ struct KernelTable {
   void (*up_rows)(const DecodeArgs&, int64_t begin, int64_t end);
   // out columns [begin, end) of d: zero, accumulate every active expert, write out.
   void (*down_cols)(const DecodeArgs&, int64_t begin, int64_t end);
+  // bf16 problems: the kernel reads x_bf16 and writes/reads h_bf16 (dot products of bf16 pairs)
+  // instead of the float32 x; the caller then allocates h_bf16.
+  bool bf16_operands = false;
 };
 
 const KernelTable* table_generic();
 const KernelTable* table_avx2();    // null when not compiled for x86
 const KernelTable* table_avx512();  // null when not compiled for x86
+const KernelTable* table_avx512bf16();  // null when not compiled for x86 (GCC/clang)
 
 }  // namespace moeconv_cpu

@@ -29,7 +29,7 @@ struct V {
 
 namespace moeconv_cpu {
 const KernelTable* table_generic() {
-  static const KernelTable table{"generic", &generic::up_rows, &generic::down_cols};
+  static const KernelTable table{"generic", &generic::up_rows, &generic::down_cols, false};
   return &table;
 }
 }  // namespace moeconv_cpu

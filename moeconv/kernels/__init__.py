@@ -100,16 +100,25 @@ def _check_ffn(x, ids, weights, w_up, w_down, w_gate, activation, b_up, b_gate) 
 
 
 def kernel_status() -> dict[str, str]:
-    """Which implementation each op takes on each device, e.g. {"moe_ffn": "cpu: native avx512 (prebuilt); ..."}.
+    """Which implementation each op takes on each device, e.g. {"moe_ffn": "cpu: native avx512bf16 [...] (prebuilt); ..."}.
 
-    Loads (and if needed JIT-builds) the native kernels, so the answer is the truth for this process.
+    Loads (and if needed JIT-builds) the native kernels, so the answer is the truth for this process;
+    the CPU text names the dispatched vector path and what it does per dtype (native.CPU_ISA_PATHS).
     """
     cpu, cuda = native.cpu_build(), native.cuda_build()
-    cpu_text = f"native {native.cpu_isa()} ({cpu.how})" if cpu.loaded else f"reference ({cpu.how})"
+    isa = native.cpu_isa()
+    # route is scalar C++ whatever the ISA; moe_ffn streams weights through the ISA's dot tiles
+    # and switches to ATen GEMMs when one expert gets many tokens (moe_ops.cpp: kStreamMaxPairs*).
+    ffn_cpu = f"native {isa} [{native.CPU_ISA_PATHS.get(isa, '?')}; ATen GEMM for many tokens per expert] ({cpu.how})"
+    route_cpu = f"native ({cpu.how})"
     cuda_text = f"native ({cuda.how})" if cuda.loaded else f"reference ({cuda.how})"
     dtypes = "/".join(str(t).removeprefix("torch.") for t in native.NATIVE_DTYPES)
-    line = f"cpu: {cpu_text}; cuda: {cuda_text}; native dtypes {dtypes}, others use the reference"
-    return {"route": line, "moe_ffn": line}
+    tail = f"cuda: {cuda_text}; native dtypes {dtypes}, others use the reference"
+
+    def line(cpu_text: str) -> str:
+        return f"cpu: {cpu_text if cpu.loaded else f'reference ({cpu.how})'}; {tail}"
+
+    return {"route": line(route_cpu), "moe_ffn": line(ffn_cpu)}
 
 
 _ = reference  # re-exported for callers that want the pure-PyTorch versions: moeconv.kernels.reference

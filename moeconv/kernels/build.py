@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU_SOURCES = ("csrc/cpu/moe_ops.cpp", "csrc/cpu/moe_avx512.cpp", "csrc/cpu/moe_avx2.cpp", "csrc/cpu/moe_generic.cpp")
+CPU_SOURCES = (
+    "csrc/cpu/moe_ops.cpp",
+    "csrc/cpu/moe_avx512bf16.cpp",
+    "csrc/cpu/moe_avx512.cpp",
+    "csrc/cpu/moe_avx2.cpp",
+    "csrc/cpu/moe_generic.cpp",
+)
 CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h")
 CUDA_SOURCES = ("csrc/cuda/moe_cuda_ops.cpp", "csrc/cuda/moe_cuda_kernels.cu")
 CUDA_HEADERS = ("csrc/cuda/moe_cuda.h",)

@@ -1,7 +1,9 @@
 """Finds the native kernels: the prebuilt extension, else a JIT build into a cache dir, else none.
 
 MOECONV_KERNELS=0 disables native code; MOECONV_CACHE_DIR moves the JIT cache (default
-~/.cache/moeconv/kernels).  A missing build is logged once and the ops fall back to the reference.
+~/.cache/moeconv/kernels); MOECONV_CPU_ISA=generic|avx2|avx512|avx512bf16 forces the CPU kernels'
+vector path (by default the best this CPU has).  A missing build is logged once and the ops fall
+back to the reference.
 """
 
 from __future__ import annotations
@@ -18,11 +20,25 @@ from pathlib import Path
 
 import torch
 
+from moeconv.errors import MoeconvError
 from moeconv.kernels import build
 
 logger = logging.getLogger(__name__)
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+# The CPU kernels' vector paths, best first, and what each does per dtype (for `moeconv env`).
+CPU_ISAS = ("avx512bf16", "avx512", "avx2", "generic")
+CPU_ISA_PATHS = {
+    "avx512bf16": "bf16 by AVX512-BF16 dot products, fp32 by AVX-512 FMA",
+    "avx512": "AVX-512 FMA, bf16 widened to fp32",
+    "avx2": "AVX2 FMA, bf16 widened to fp32",
+    "generic": "portable C++, bf16 widened to fp32",
+}
+CPU_ISA_ENV = "MOECONV_CPU_ISA"
+
+
+class CpuIsaError(MoeconvError):
+    """MOECONV_CPU_ISA names a vector path that is unknown or that this CPU/build lacks."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,23 @@ def _load(kind: str, module: str, namespace: str, can_jit: bool, sources: list[s
 
 @functools.cache
 def cpu_build() -> NativeBuild:
-    return _load("cpu", build.CPU_EXTENSION, "moeconv_C", build.has_cxx_compiler(), build.cpu_sources(True), False)
+    """Loads the CPU kernels once, then applies MOECONV_CPU_ISA (raises CpuIsaError if it cannot)."""
+    loaded = _load("cpu", build.CPU_EXTENSION, "moeconv_C", build.has_cxx_compiler(), build.cpu_sources(True), False)
+    forced = os.environ.get(CPU_ISA_ENV, "").strip().lower()
+    if loaded.loaded and forced:
+        _force_cpu_isa(forced)
+    return loaded
+
+
+def _force_cpu_isa(isa: str) -> None:
+    if isa not in CPU_ISAS:
+        raise CpuIsaError(f"{CPU_ISA_ENV}={isa!r} is not a CPU kernel path; use one of {', '.join(CPU_ISAS)} or unset it")
+    try:
+        torch.ops.moeconv_C.set_cpu_isa(isa)
+    except RuntimeError:
+        raise CpuIsaError(
+            f"{CPU_ISA_ENV}={isa!r}: this CPU (or build) lacks that path; pick a lower one of {', '.join(CPU_ISAS)}"
+        ) from None
 
 
 @functools.cache
@@ -133,12 +165,12 @@ def has_native(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def cpu_isa() -> str | None:
-    """The vector ISA the CPU kernels dispatched to ("avx512", "avx2", "generic"), None if not loaded."""
+    """The vector path the CPU kernels dispatch to (one of CPU_ISAS), None if not loaded."""
     return str(torch.ops.moeconv_C.cpu_isa()) if cpu_build().loaded else None
 
 
 def set_cpu_isa(isa: str) -> str:
-    """Force the CPU kernels' ISA ("avx512" | "avx2" | "generic", if this CPU has it); returns the previous one.
+    """Force the CPU kernels' path (one of CPU_ISAS that this CPU has); returns the previous one.
 
     For tests and benchmarks; raises RuntimeError when unavailable or the CPU build is not loaded.
     """
@@ -152,7 +184,7 @@ def available_cpu_isas() -> list[str]:
     if not cpu_build().loaded:
         return []
     current, found = cpu_isa(), []
-    for isa in ("avx512", "avx2", "generic"):
+    for isa in CPU_ISAS:
         try:
             set_cpu_isa(isa)
             found.append(isa)
