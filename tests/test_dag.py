@@ -117,15 +117,95 @@ def test_untrained_aggregator_equals_plain_moe(scoring: str, stabilize: bool) ->
         torch.testing.assert_close(with_dag, ffn.forward(x.reshape(-1, D)).reshape(x.shape), rtol=1e-5, atol=1e-5)
 
 
+FORWARDS = ["forward_direct", "forward_factored"]  # forward picks one by the number of nodes
+
+
+@pytest.mark.parametrize("path", FORWARDS)
 @pytest.mark.parametrize("rounds", [1, 2, 3])
 @pytest.mark.parametrize("stabilize", [True, False])
-def test_vectorised_forward_matches_loop_reference(rounds: int, stabilize: bool) -> None:
+def test_vectorised_forward_matches_loop_reference(rounds: int, stabilize: bool, path: str) -> None:
     g = torch.Generator().manual_seed(1)
     dag = DagAggregator(D, 3, d_g=5, rounds=rounds, stabilize=stabilize)
     dag.reset_parameters(g)
     perturb(dag, g)
     routed, x = torch.randn(6, 3, D, generator=g), torch.randn(6, D, generator=g)
-    torch.testing.assert_close(dag(routed, x).double(), reference_dag(dag, routed, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(getattr(dag, path)(routed, x).double(), reference_dag(dag, routed, x), rtol=1e-5, atol=1e-5)
+
+
+def direct_dag(dag: DagAggregator, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The method round by round on [T, k, d] nodes with F.layer_norm, differentiable, written independently."""
+    k = routed.shape[1]
+    nodes = routed + x.unsqueeze(1) / k if dag.stabilize else routed  # [T, k, d]
+    for layer in dag.rounds:
+        z = F.linear(F.layer_norm(nodes, nodes.shape[-1:]), layer.down_weight, layer.down_bias)  # [T, k, g]
+        g_src, g_tgt, v_src, v_tgt = F.linear(z, layer.pair_weight, layer.pair_bias).chunk(4, -1)
+        gate = torch.sigmoid(g_src.unsqueeze(2) + g_tgt.unsqueeze(1))  # [T, k, k, g]
+        msg = (gate * (v_src.unsqueeze(2) + v_tgt.unsqueeze(1))).sum(2)  # [T, k, g]
+        nodes = nodes + F.linear(msg, layer.up_weight)
+    return nodes.sum(1) - (x if dag.stabilize else 0)
+
+
+@pytest.mark.parametrize("path", FORWARDS)
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+@pytest.mark.parametrize("stabilize", [True, False])
+def test_forward_and_gradients_match_the_direct_formula(rounds: int, stabilize: bool, path: str) -> None:
+    g = torch.Generator().manual_seed(10 + rounds)
+    dag = DagAggregator(D, 3, d_g=5, rounds=rounds, stabilize=stabilize).double()
+    dag.reset_parameters(g)
+    perturb(dag, g, std=0.5)
+    # Nodes with a mean far from 0 and channels of very different scales, as residual streams have.
+    routed = (torch.randn(7, 3, D, generator=g) + 2).double().requires_grad_()
+    x = (torch.randn(7, D, generator=g) * torch.linspace(0.1, 20, D)).double().requires_grad_()
+    fast, direct = getattr(dag, path)(routed, x), direct_dag(dag, routed, x)
+    torch.testing.assert_close(fast, direct, rtol=1e-10, atol=1e-10)
+    inputs = [routed, *([x] if stabilize else []), *dag.parameters()]
+    weights = torch.randn(fast.shape, generator=g).double()
+    for got, want in zip(torch.autograd.grad((fast * weights).sum(), inputs),
+                         torch.autograd.grad((direct * weights).sum(), inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cached_factors_follow_weight_changes_and_dtypes() -> None:
+    g = torch.Generator().manual_seed(12)
+    dag = DagAggregator(D, 2, d_g=6, rounds=2)
+    dag.reset_parameters(g)
+    routed, x = torch.randn(9, 2, D, generator=g), torch.randn(9, D, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(dag.forward_factored(routed, x), routed.sum(1), rtol=0, atol=1e-6)
+        perturb(dag, g)  # in-place update, as an optimizer step or load_state_dict does
+        torch.testing.assert_close(dag.forward_factored(routed, x), direct_dag(dag, routed, x), rtol=1e-5, atol=1e-5)
+        dag.load_state_dict({k: v * 0.5 for k, v in dag.state_dict().items()})
+        torch.testing.assert_close(dag.forward_factored(routed, x), direct_dag(dag, routed, x), rtol=1e-5, atol=1e-5)
+        dag.double()
+        routed, x = routed.double(), x.double()
+        torch.testing.assert_close(dag.forward_factored(routed, x), direct_dag(dag, routed, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", FORWARDS)
+def test_bfloat16_forward_stays_close_to_float32(path: str) -> None:
+    g = torch.Generator().manual_seed(14)
+    dag = DagAggregator(64, 4, d_g=8, rounds=2)
+    dag.reset_parameters(g)
+    perturb(dag, g, std=0.3)
+    routed, x = torch.randn(40, 4, 64, generator=g) + 1, torch.randn(40, 64, generator=g) * 4
+    want = direct_dag(dag, routed, x).detach()
+    with torch.no_grad():
+        got = getattr(dag.bfloat16(), path)(routed.bfloat16(), x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_routed_outputs_without_grad_equal_the_expert_loop(top_k: int) -> None:
+    g = torch.Generator().manual_seed(13)
+    block = make_block(make_ffn(g), 4, top_k, g, scoring="softmax")
+    x = torch.randn(50, D, generator=g)
+    ids, weights = block.route(x)
+    looped = block.routed_outputs(x, ids, weights)  # grad mode: the per-expert loop
+    with torch.no_grad():
+        fast = block.routed_outputs(x, ids, weights)  # the fused op where it is built
+        torch.testing.assert_close(fast, looped.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.sum(1), block.routed_sum(x, ids, weights), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_every_parameter() -> None:

@@ -74,6 +74,12 @@ class MoeconvMoeBlock(nn.Module):
 
     def routed_outputs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each selected expert's weighted output, one slot per choice.  [T, d] -> [T, k, d]"""
+        if _fused_moe_ffn is not None and not torch.is_grad_enabled():
+            # The fused op sums a token's slots; one row per (token, slot) with k = 1 keeps them apart.
+            per_slot = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, x.shape[1])  # [T·k, d]
+            fused = _fused_moe_ffn(self, per_slot, ids.reshape(-1, 1), weights.reshape(-1, 1))
+            if fused is not None:
+                return fused.view(x.shape[0], self.top_k, x.shape[1])
         out = x.new_zeros(x.shape[0], self.top_k, x.shape[1])
         for e, expert in enumerate(self.experts):
             token, slot = torch.nonzero(ids == e, as_tuple=True)
