@@ -56,6 +56,10 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+# Per-layer metrics shown when a layer is done: FFN output error vs dense, router recall vs the oracle, load balance.
+LAYER_METRICS = (("rel_error", "err"), ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
+
+
 @contextmanager
 def layer_progress(enabled: bool):
     """A progress callback rendering `(layer i/N) stage` and peak memory."""
@@ -69,6 +73,8 @@ def layer_progress(enabled: bool):
 
         def update(event) -> None:
             label = event.stage if event.layer is None else f"(layer {event.layer + 1}/{event.layers}) {event.stage}"
+            if event.stage == "done" and event.metrics:
+                label += "".join(f", {short} {event.metrics[key]:.3f}" for key, short in LAYER_METRICS if key in event.metrics)
             fields = {"description": label, "peak": peak_rss_gib()}
             if event.layers:
                 fields["total"] = event.layers

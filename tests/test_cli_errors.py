@@ -183,3 +183,18 @@ def test_inspect_and_env(dense_models):
     assert info["family"] == "gpt2" and info["kind"] == "dense" and info["parameters"] > 0
     result = run("env", "--json")
     assert result.exit_code == 0 and "torch" in json.loads(result.output)
+
+
+def test_progress_shows_each_layers_error_recall_and_load(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import moeconv.cli.common as common
+    from moeconv.convert import ProgressEvent
+
+    sink = io.StringIO()
+    monkeypatch.setattr(common, "console", Console(file=sink, width=200, force_terminal=False))
+    with common.layer_progress(enabled=True) as progress:
+        progress(ProgressEvent("done", 0, 30, {"rel_error": 0.4, "router_recall": 0.875, "load_max_over_mean": 1.25}))
+    assert "(layer 1/30) done, err 0.400, recall 0.875, load max/mean 1.250" in sink.getvalue()

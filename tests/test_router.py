@@ -103,6 +103,8 @@ def test_recall_and_error_match_a_direct_computation() -> None:
     error = float((moe_forward(ffn, assignment, init, 3, held) - dense).norm() / dense.norm())
     assert metrics["router_recall"] == pytest.approx(recall, abs=1e-6)
     assert metrics["rel_error"] == pytest.approx(error, rel=1e-4)
+    load = select_top_k(init, held, 3).mean(0)  # [E]
+    assert metrics["load_max_over_mean"] == pytest.approx(float(load.max() / load.mean()), rel=1e-6)
 
 
 def test_router_training_is_deterministic() -> None:

@@ -86,7 +86,7 @@ def train_router(
     """Router weight [E, d] (nn.Linear layout, no bias) and held-out metrics.
 
     Metrics: router_recall (mean overlap of the chosen top-k with the oracle top-k by expert output
-    norm), rel_error (relative L2 error of the MoE output vs the dense FFN), oracle_rel_error (the same
+    norm), load_max_over_mean (expert load balance on held-out rows), rel_error (relative L2 error of the MoE output vs the dense FFN), oracle_rel_error (the same
     with oracle routing: the floor this partition allows), init_recall when an init is given.
     """
     num_experts = int(assignment.max()) + 1
@@ -161,8 +161,10 @@ def evaluate_router(
     chosen = select_top_k(router, x, top_k)  # [T, E]
     routed = torch.nn.functional.linear(h * expert_mask(assignment, chosen), ffn.down, ffn.down_bias)
     best = torch.nn.functional.linear(h * expert_mask(assignment, oracle), ffn.down, ffn.down_bias)
+    load = chosen.mean(0)  # [E]  share of tokens that pick each expert
     return {
         "router_recall": float((chosen * oracle).sum(1).mean() / top_k),
+        "load_max_over_mean": float(load.max() / load.mean().clamp_min(1e-30)),  # 1.0 is perfectly balanced
         "rel_error": relative_error(routed, dense),
         "oracle_rel_error": relative_error(best, dense),
     }
