@@ -1,0 +1,28 @@
+"""Every recipe shipped in configs/ loads and validates (a typo in a shipped recipe would fail every user)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeconv.quant.recipe import load_quant_recipe
+from moeconv.recipe import load_recipe
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+QUANT = {"gptq-int4.yaml", "qmoe-ternary.yaml"}
+
+
+def test_configs_folder_is_not_empty():
+    assert {p.name for p in CONFIGS} >= QUANT | {"dot-moe.yaml", "dot-moe-heal.yaml", "random-moe.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipe_loads(path: Path):
+    if path.name in QUANT:
+        load_quant_recipe(path)
+    else:
+        recipe = load_recipe(path)
+        assert 1 <= recipe.top_k <= recipe.experts
+        if path.name == "dot-moe-heal.yaml":
+            assert recipe.heal is not None and recipe.heal.tokens == 32768
