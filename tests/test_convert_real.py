@@ -26,3 +26,13 @@ def test_identity_conversion_of_real_model(real_gguf, tmp_path):
         moe = load_model(out, device="cpu")(ids).logits
     rel = ((moe - dense).norm() / dense.norm()).item()
     assert rel < 1e-5, rel
+
+
+def test_model_loaded_from_gguf_saves_as_a_plain_float_folder(real_gguf, tmp_path):
+    """transformers keeps a GGUF quantizer on the dequantized model that refuses save_pretrained; prune and heal save it."""
+    model = load_model(real_gguf, device="cpu")
+    model.save_pretrained(tmp_path / "float")
+    again = load_model(tmp_path / "float", device="cpu")
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)

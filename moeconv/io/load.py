@@ -99,4 +99,9 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot load {path} as a causal LM: {first}") from None
+    if "gguf_file" in extra:
+        # transformers dequantizes GGUF weights on load but keeps its quantizer, which then refuses
+        # save_pretrained; the loaded model is a plain float model, so it may be saved as one.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     return model.to(resolve_device(device)).eval()
