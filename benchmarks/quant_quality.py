@@ -1,7 +1,8 @@
 """Perplexity and bits per weight of SmolLM2-135M (dense and a MoE conversion) under each quantization width.
 
-    python benchmarks/quant_quality.py --work /tmp/qbench [--moe /tmp/qbench/smol-moe-8-4] \
-        [--calib-tokens 4096] [--eval-tokens 4096] [--only dense] [--configs int4-gptq,int4-rtn,...]
+    python benchmarks/quant_quality.py --work /tmp/qbench [--moe /tmp/shared_ckpt/dot-8x4] \
+        [--calib-tokens 16384] [--eval-tokens 16384] [--only dense] [--configs int4-gptq,int4-rtn,...] \
+        [--set '{"act_order": true}']
 
 Perplexity: GPTQ/WikiText protocol (moeconv.eval.perplexity): `shakespeare:heldout` joined with "\\n\\n", tokenized
 once, non-overlapping windows of 2048, the first --eval-tokens tokens only (stated in the table), fp32, CPU.
@@ -64,14 +65,14 @@ def measure(path: Path, windows) -> tuple[float, float]:
     return ppl, time.perf_counter() - start
 
 
-def run(source: Path, label: str, work: Path, names: list[str], calib_tokens: int, windows, log) -> list[dict]:
+def run(source: Path, label: str, work: Path, names: list[str], calib_tokens: int, windows, log, extra: dict) -> list[dict]:
     ppl, secs = measure(source, windows)
     rows = [{"model": label, "config": "unquantized", "ppl": ppl, "bits": None, "expert_bits": None, "seconds": 0.0}]
     log(rows[-1], secs)
     for name in names:
         out = work / f"{label}-{name}"
-        recipe = load_quant_recipe(None, {**CONFIGS[name], "group_size": 64, "calibration.tokens": calib_tokens,
-                                          "calibration.seqlen": 512, "calibration.source": "shakespeare"})
+        recipe = load_quant_recipe(None, {"group_size": 64, "calibration.tokens": calib_tokens, "calibration.seqlen": 512,
+                                          "calibration.source": "shakespeare", **extra, **CONFIGS[name]})
         start = time.perf_counter()
         prov = quantize(str(source), out, recipe, force=True)
         seconds = time.perf_counter() - start
@@ -87,20 +88,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qbench"))
     parser.add_argument("--moe", type=Path, default=None, help="a moeconv (8,4) conversion of the GGUF")
-    parser.add_argument("--calib-tokens", type=int, default=4096)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--set", default="{}", help="JSON recipe overrides for every config, e.g. '{\"act_order\": true}'")
     parser.add_argument("--only", choices=["dense", "moe"], default=None)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     names = [n for n in args.configs.split(",") if n]
+    extra = json.loads(args.set)
     dense = dense_folder(args.work)
     tokens = tokenize_source(load_text("shakespeare:heldout"), load_tokenizer(dense))
     windows = cut_windows(tokens, 2048, None, args.eval_tokens)
     results_file = args.work / "quant_quality.jsonl"
 
     def log(row: dict, eval_seconds: float) -> None:
-        row = {**row, "eval_seconds": eval_seconds, "windows": windows.count, "calib_tokens": args.calib_tokens}
+        row = {**row, "eval_seconds": eval_seconds, "windows": windows.count, "calib_tokens": args.calib_tokens, "overrides": extra}
         with results_file.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -108,11 +111,11 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     if args.only in (None, "dense"):
-        rows += run(dense, "dense", args.work, names, args.calib_tokens, windows, log)
+        rows += run(dense, "dense", args.work, names, args.calib_tokens, windows, log, extra)
     if args.only in (None, "moe") and args.moe is not None:
-        rows += run(args.moe, "moe-8-4", args.work, names, args.calib_tokens, windows, log)
+        rows += run(args.moe, "moe-8-4", args.work, names, args.calib_tokens, windows, log, extra)
     print(f"\nperplexity on shakespeare:heldout, seqlen 2048, {windows.count} window(s) = {windows.count * 2048} tokens, fp32, CPU;"
-          f" calibration {args.calib_tokens} tokens of shakespeare (train), group size 64")
+          f" calibration {args.calib_tokens} tokens of shakespeare (train), group size 64, overrides {extra or 'none'}")
     print("| model | config | ppl | vs unquantized | bits/weight (quantized linears) | bits/weight (experts) | quantize s |")
     print("|---|---|---|---|---|---|---|")
     base = {r["model"]: r["ppl"] for r in rows if r["config"] == "unquantized"}

@@ -1,13 +1,22 @@
-"""What is in a checkpoint: family, layers, experts, parameters (total and active), dtype, quantization, size."""
+"""What is in a checkpoint: family, layers, experts, parameters (total and active), dtype, quantization, size.
+
+Parameters of moeconv checkpoints come from moeconv.eval.stats.count_parameters on a meta-device skeleton, the same
+counter eval uses: quantized linears count their logical out x in weights, not their packed storage elements."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
 
+import moeconv.io.load  # noqa: F401 - registers the moeconv config/model classes with transformers' Auto*
 from moeconv.errors import CheckpointError
+from moeconv.eval.stats import count_parameters
 from moeconv.io.readers import open_checkpoint
 
 
@@ -42,19 +51,40 @@ def inspect_checkpoint(path: str | Path) -> dict:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{p} has a moeconv config.json but no .safetensors shards; the checkpoint is incomplete")
-    total, expert_params = 0, 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                if k.endswith("neuron_index"):
-                    continue
-                n = _numel(h.get_slice(k).get_shape())
-                total += n
-                if ".experts.0." in k:
-                    expert_params += n  # one expert of every layer
-    idle = (moe["num_experts"] - moe["top_k"]) * expert_params
+    counts = count_parameters(_skeleton(p))  # quantized linears count as out x in logical weights
     return {"path": str(p), "kind": "moe", "family": base.get("model_type"), "layers": len(moe["layers"]),
             "experts": moe["num_experts"], "top_k": moe["top_k"], "expert_size": moe["expert_size"],
             "shared_size": moe.get("shared_size", 0), "scoring": moe.get("scoring"),
-            "dag": moe.get("dag"), "parameters": total, "active_parameters": total - idle,
-            "dtype": config.get("dtype"), "quantization": moe.get("quant"), "bytes_on_disk": _size_on_disk(p)}
+            "dag": moe.get("dag"), "parameters": counts.total, "active_parameters": counts.active,
+            "dtype": config.get("dtype"), "quantization": quantization_summary(moe.get("quant"), files),
+            "bytes_on_disk": _size_on_disk(p)}
+
+
+def _skeleton(path: Path) -> nn.Module:
+    """The checkpoint's model with every tensor on the meta device: its module structure, no weights read."""
+    reader = open_checkpoint(path)
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(reader.config, dtype=torch.float32)
+
+
+def quantization_summary(quant: dict | None, files: list[Path]) -> dict | None:
+    """Method, formats, and the quantized linears' logical weights (out x in) and stored bits per weight (codes,
+    scales/zeros or lo/hi, row offsets and the shared sub1 dictionary) from the shards' headers."""
+    if not quant:
+        return None
+    modules = quant.get("modules") or {}
+    weights = sum(int(f["in_features"]) * int(f["out_features"]) for f in modules.values())
+    stored = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                module = key.rsplit(".", 1)[0]
+                if (module in modules and not key.endswith(".bias")) or key == quant.get("sub1_dictionary"):
+                    sl = h.get_slice(key)
+                    stored += _numel(sl.get_shape()) * _BITS[sl.get_dtype()]
+    formats = sorted({str(f.get("format")) for f in modules.values()})
+    return {"method": quant.get("method"), "formats": formats, "default": quant.get("default"), "linears": len(modules),
+            "weights": weights, "bits_per_weight": stored / weights if weights else None}
+
+
+_BITS = {"F64": 64, "I64": 64, "F32": 32, "I32": 32, "F16": 16, "BF16": 16, "I16": 16, "U16": 16, "U8": 8, "I8": 8, "BOOL": 8}

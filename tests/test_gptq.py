@@ -157,3 +157,40 @@ def test_bad_settings_raise():
         gptq_quantize(w, H, QuantSpec(4, 3))
     with pytest.raises(ValueError, match="expected w"):
         gptq_quantize_batched(w, H, QuantSpec(4, 8))
+
+
+def test_upper_factor_of_inverse_hessian():
+    from moeconv.quant.gptq import _upper_cholesky_of_inverse
+
+    H = torch.stack([_hessian(_correlated_inputs(400, 48, seed=s)) + 0.01 * torch.eye(48) for s in (12, 13)]).double()
+    U, failed = _upper_cholesky_of_inverse(H)
+    assert not failed.any()
+    assert torch.equal(U, U.triu()) and (torch.diagonal(U, dim1=-2, dim2=-1) > 0).all()
+    assert torch.allclose(U.mT @ U, torch.linalg.inv(H), rtol=1e-8, atol=1e-10)
+
+
+def test_row_terms_give_the_error_of_any_row_subset():
+    from moeconv.quant.gptq import relative_error_of
+
+    x = _correlated_inputs(1024, 64, seed=14)
+    w = torch.randn(30, 64, generator=torch.Generator().manual_seed(15))
+    H = _hessian(x)
+    result = gptq_quantize(w, H, QuantSpec(3, 16))
+    deq = dequantize(result.q)
+    for rows in (slice(0, 30), slice(0, 7), slice(7, 30)):
+        ref = relative_output_error(w[rows], deq[rows], H)
+        assert relative_error_of(result.row_terms[rows]).item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_clip_search_in_gptq_lowers_output_error():
+    from moeconv.quant.grids import ClipSearch
+
+    x = _correlated_inputs(2048, 128, seed=16)
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(17)) ** 3 * 0.05  # heavy-tailed weights
+    H = _hessian(x)
+    for spec in (QuantSpec(3, 32), QuantSpec(4, 32, True)):
+        plain = gptq_quantize(w, H, spec)
+        clipped = gptq_quantize(w, H, spec, clip=ClipSearch(0.5))
+        assert clipped.error < plain.error
+        static = gptq_quantize(w, H, spec, act_order=True, clip=ClipSearch(0.5))  # static groups: searched up front
+        assert static.error < gptq_quantize(w, H, spec, act_order=True).error

@@ -93,3 +93,31 @@ def test_zero_weights_dequantize_to_exact_zero(spec):
 def test_rtn_rejects_non_matrix():
     with pytest.raises(RecipeError, match="2-D"):
         quantize_rtn(torch.randn(2, 3, 4), QuantSpec(4, -1))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 16), QuantSpec(3, 16, True), QuantSpec(2, -1)], ids=lambda s: s.format)
+def test_clip_search_never_worse_than_min_max_and_usually_better(spec):
+    from moeconv.quant.grids import ClipSearch
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 64, generator=g) ** 3  # heavy tails: clipping the extremes pays
+    plain = quantize_rtn(w, spec)
+    clipped = quantize_rtn(w, spec, ClipSearch(0.5))
+    row_err = lambda q: ((dequantize(q) - w) ** 2).reshape(64, -1, 64 if spec.group_size == -1 else 16).sum(-1)  # noqa: E731
+    assert (row_err(clipped) <= row_err(plain) * (1 + 1e-6)).all()  # shrink factor 1 is always a candidate
+    assert row_err(clipped).sum() < 0.98 * row_err(plain).sum()
+    assert torch.equal(quantize_rtn(w, spec, ClipSearch(0.0)).codes, plain.codes)
+
+
+def test_clip_search_weights_columns():
+    from moeconv.quant.grids import ClipSearch, find_params
+
+    w = torch.tensor([[-1.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 8.0]])
+    spec = QuantSpec(2, -1)
+    heavy_outlier = torch.tensor([[1.0] * 7 + [1e4]])
+    light_outlier = torch.tensor([[1.0] * 7 + [1e-4]])
+    s_heavy, _ = find_params(w, spec, ClipSearch(0.75), heavy_outlier)
+    s_light, _ = find_params(w, spec, ClipSearch(0.75), light_outlier)
+    assert s_light < s_heavy  # an unimportant outlier is clipped, an important one is kept
+    with pytest.raises(RecipeError, match="clip search"):
+        ClipSearch(1.0)

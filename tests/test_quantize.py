@@ -227,3 +227,77 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     subprocess.run(cmd(out, "--resume"), check=True)
     files = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}  # noqa: E731
     assert files(out) == files(tmp_path / "reference")
+
+
+class _Counted(torch.nn.Linear):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+class _TwoStep(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Counted(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) + x)
+
+
+def test_output_cache_replays_finished_modules_per_batch():
+    from moeconv.quant.output_cache import OutputCache
+
+    torch.manual_seed(0)
+    layer = _TwoStep()
+    batches = [torch.randn(3, 8) for _ in range(3)]
+    expected = [layer(x) for x in batches]
+    cache = OutputCache(layer, {"a": layer.a, "b": layer.b})
+    cache.update({"a"})
+    for _ in range(2):
+        _Counted.calls = 0
+        cache.new_pass()
+        outputs = [layer(x) for x in batches]
+        assert all(torch.equal(o, e) for o, e in zip(outputs, expected, strict=True))
+    assert _Counted.calls == 0  # second pass: every batch replayed
+    out = layer(batches[0])  # the in-place change of a replayed output must not reach the cache
+    out.add_(1)
+    cache.new_pass()
+    assert torch.equal(layer(batches[0]), expected[0])
+    cache.close()
+    assert "forward" not in layer.a.__dict__ and not layer._forward_pre_hooks
+
+
+def test_per_expert_modules_is_per_instance_and_exact():
+    from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
+    from moeconv.quant.pipeline import per_expert_modules
+
+    torch.manual_seed(1)
+    moe = {"num_experts": 4, "top_k": 2, "expert_size": 6, "activation": "silu", "scoring": "softmax"}
+    block, other = MoeconvMoeBlock(8, moe), MoeconvMoeBlock(8, moe)
+    x = torch.randn(2, 5, 8)
+    seen = []
+    for e, expert in enumerate(block.experts):
+        expert.up_proj.register_forward_pre_hook(lambda _m, _a, e=e: seen.append(e))
+    with torch.no_grad():
+        reference = block(x)
+        seen.clear()
+        with per_expert_modules(block):
+            assert "routed_sum" in block.__dict__ and "routed_sum" not in other.__dict__
+            inside = block(x)
+    assert sorted(set(seen)) == sorted(set(block.route(x.reshape(-1, 8))[0].flatten().tolist()))
+    assert torch.allclose(inside, reference, atol=1e-6)
+    assert "routed_sum" not in block.__dict__ and "routed_outputs" not in block.__dict__
+
+
+def test_inspect_counts_logical_weights_of_quantized_linears(sources, tmp_path):
+    from moeconv.inspect import inspect_checkpoint
+
+    out = tmp_path / "q"
+    prov = quantize(str(sources["moe"]), out, _recipe(sources, bits="3", method="rtn"))
+    before, after = inspect_checkpoint(sources["moe"]), inspect_checkpoint(out)
+    assert after["parameters"] == before["parameters"] and after["active_parameters"] == before["active_parameters"]
+    quant = after["quantization"]
+    assert quant["formats"] == ["int3"] and quant["weights"] == prov["bits"]["quantized_linears"]["weights"]
+    assert quant["bits_per_weight"] == pytest.approx(prov["bits"]["quantized_linears"]["bits_per_weight"])

@@ -94,16 +94,57 @@ class QuantizedTensor:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
 
-def find_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class ClipSearch:
+    """Range search for intN grids: try the group's [min, max] shrunk by 1, 1 - step, ... down to 1 - max_shrink
+    and keep, per group, the grid whose (optionally column-weighted) squared rounding error is smallest."""
+
+    max_shrink: float = 0.25
+    step: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.max_shrink < 1) or self.step <= 0:
+            raise RecipeError(f"clip search max_shrink {self.max_shrink} / step {self.step} invalid; "
+                              "use 0 <= max_shrink < 1 and step > 0")
+
+    @property
+    def factors(self) -> list[float]:
+        return [1.0 - i * self.step for i in range(int(round(self.max_shrink / self.step)) + 1)]
+
+
+def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Grid parameters of each row of `w` [..., rows, k] (one group): (scale, zero) for intN, (lo, hi) for ternary.
 
-    Both are fp32 [..., rows], already rounded to their stored precision.
+    Both are fp32 [..., rows], already rounded to their stored precision. `clip` searches shrunk ranges (intN
+    only); `col_weight`, broadcastable against `w` (e.g. diag(H) as [..., 1, k]), weights each column's squared
+    error in that search.
     """
     w = w.float()
     lo = w.amin(dim=-1).clamp(max=0.0)  # [..., rows]
     hi = w.amax(dim=-1).clamp(min=0.0)
     if spec.is_ternary:
         return lo.to(LO_HI_DTYPE).float(), hi.to(LO_HI_DTYPE).float()
+    best = _grid_of_range(lo, hi, spec)
+    if clip is None or clip.max_shrink == 0:
+        return best
+    weight = None if col_weight is None else col_weight.float()
+    best_err = None
+    for factor in clip.factors:  # a loop over ~25 candidates keeps memory at one group's size
+        scale, zero = _grid_of_range(lo * factor, hi * factor, spec)
+        deq = dequantize_codes(quantize_codes(w, scale[..., None], zero[..., None], spec), scale[..., None], zero[..., None], spec)
+        sq = (deq - w).square_()  # [..., rows, k]
+        err = (sq if weight is None else sq * weight).sum(dim=-1)  # [..., rows]
+        if best_err is None:
+            best_err, best = err, (scale, zero)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+    return best
+
+
+def _grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(scale, zero) of the intN grid covering [lo, hi] (lo <= 0 <= hi), rounded to their stored precision."""
     if spec.symmetric:
         hi = torch.maximum(-lo, hi)
         lo = -hi
@@ -134,14 +175,15 @@ def dequantize_codes(codes: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> 
     return (codes.float() - p1) * p0
 
 
-def quantize_rtn(w: Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Round-to-nearest quantization of `w` [out, in] on the grid of `spec` (the baseline GPTQ must beat)."""
+def quantize_rtn(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None) -> QuantizedTensor:
+    """Round-to-nearest quantization of `w` [out, in] on the grid of `spec` (the baseline GPTQ must beat);
+    `clip` searches each group's range for the smallest rounding error."""
     if w.dim() != 2:
         raise RecipeError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}; quantize one linear at a time")
     out_features, in_features = w.shape
     width = spec.group_width(in_features)
     groups = w.float().reshape(out_features, in_features // width, width)  # [out, n_groups, G]
-    p0, p1 = find_params(groups, spec)  # [out, n_groups]
+    p0, p1 = find_params(groups, spec, clip)  # [out, n_groups]
     codes = quantize_codes(groups, p0[..., None], p1[..., None], spec).reshape(out_features, in_features)
     return make_quantized(codes, p0, p1, spec)
 

@@ -9,14 +9,16 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moeconv.calib.capture import LayerRunner, StopLayer
-from moeconv.quant.gptq import HessianAccumulator, gptq_quantize_batched, relative_output_error
+from moeconv.quant.gptq import HessianAccumulator, gptq_quantize_batched, output_error_terms, relative_error_of
 from moeconv.quant.grids import QuantizedTensor, dequantize, quantize_rtn
+from moeconv.quant.output_cache import OutputCache
 from moeconv.quant.recipe import QuantRecipe
 
 log = logging.getLogger(__name__)
@@ -26,17 +28,40 @@ KEEP_HIGH_PRECISION = re.compile(r"(^|\.)(router|dag)(\.|$)")  # routers and DAG
 
 
 @contextmanager
-def per_expert_modules() -> Iterator[None]:
-    """Route MoE blocks through their per-expert modules, not the fused kernel: the calibration hooks need every
-    expert Linear called, and the quantized checkpoint (QuantLinear experts) runs the per-expert path too."""
-    from moeconv.modeling.hf import moe_block
-
-    saved = moe_block._fused_moe_ffn
-    moe_block._fused_moe_ffn = None
+def per_expert_modules(root: nn.Module) -> Iterator[None]:
+    """Inside the block, every MoE block under `root` runs its experts as their own modules, never the fused kernel:
+    the calibration hooks need every expert Linear called, and the quantized checkpoint (QuantLinear experts) runs
+    the per-expert path too. Only these instances change (instance attributes shadowing the class methods)."""
+    blocks = [m for m in root.modules() if callable(getattr(m, "routed_outputs", None)) and hasattr(m, "experts")]
+    for block in blocks:
+        block.__dict__["routed_outputs"] = partial(_per_expert_outputs, block)
+        block.__dict__["routed_sum"] = partial(_per_expert_sum, block)
     try:
         yield
     finally:
-        moe_block._fused_moe_ffn = saved
+        for block in blocks:
+            block.__dict__.pop("routed_outputs", None)
+            block.__dict__.pop("routed_sum", None)
+
+
+def _per_expert_outputs(block: nn.Module, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    """Each selected expert's weighted output, one slot per choice, each expert called as a module.  [T, d] -> [T, k, d]"""
+    out = x.new_zeros(x.shape[0], ids.shape[1], x.shape[1])
+    for e, expert in enumerate(block.experts):
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel():
+            out[token, slot] = expert(x[token]) * weights[token, slot, None]
+    return out
+
+
+def _per_expert_sum(block: nn.Module, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    """Σ of the selected experts' weighted outputs, each expert called as a module.  [T, d] -> [T, d]"""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(block.experts):
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel():
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+    return out
 
 
 def expert_pattern(name: str) -> str:
@@ -119,7 +144,8 @@ def _stop(*_args) -> None:
     raise StopLayer
 
 
-def _collect(runner: LayerRunner, index: int, layer: nn.Module, sources: list[nn.Module], block: nn.Module | None) -> list[HessianAccumulator]:
+def _collect(runner: LayerRunner, index: int, layer: nn.Module, sources: list[nn.Module], block: nn.Module | None,
+             cache: OutputCache) -> list[HessianAccumulator]:
     """Hessians of the inputs of `sources` over all calibration batches; the forward stops once they are seen."""
     accs = [HessianAccumulator(weight_of(m).shape[1], device=runner.device) for m in sources]
     hooks = []
@@ -132,6 +158,7 @@ def _collect(runner: LayerRunner, index: int, layer: nn.Module, sources: list[nn
     if block is not None:  # experts: wait until the whole MoE block has dispatched its tokens
         hooks.append(block.register_forward_hook(_stop))
     try:
+        cache.new_pass()
         runner.forward(index, layer, update=False)
     finally:
         for h in hooks:
@@ -140,17 +167,41 @@ def _collect(runner: LayerRunner, index: int, layer: nn.Module, sources: list[nn
 
 
 def quantize_layer(runner: LayerRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module], recipe: QuantRecipe,
-                   stage_done: Callable[[str], None] = lambda s: None) -> LayerResult:
+                   stage_done: Callable[[str], None] = lambda s: None, stage_cache: dict | None = None,
+                   update_hidden: bool = False) -> LayerResult:
     """GPTQ every module of `modules` in execution order; each is replaced in `layer` by its dequantized weight,
-    so later sublayers (and the next decoder layer) see the quantized outputs of earlier ones."""
-    spec, result = recipe.spec, LayerResult()
-    for stage in trace_stages(runner, index, layer, modules):
+    so later sublayers (and the next decoder layer) see the quantized outputs of earlier ones.
+
+    Modules of one stage share their input, hence their Hessian: their rows are stacked into one GPTQ problem per
+    source (per expert for expert stages), and the experts of a stage are one batch. `stage_cache` (one dict per
+    model) keeps the traced call order of each layer structure, so the trace forward runs once per structure.
+    Finished submodules replay their outputs (OutputCache): each stage's forward recomputes only what changed.
+    `update_hidden`: finally run the quantized layer on every batch to produce the next layer's inputs."""
+    cache = OutputCache(layer, modules)
+    try:
+        return _quantize_stages(runner, index, layer, modules, recipe, stage_done, stage_cache, update_hidden, cache)
+    finally:
+        cache.close()
+
+
+def _quantize_stages(runner: LayerRunner, index: int, layer: nn.Module, modules: dict[str, nn.Module], recipe: QuantRecipe,
+                     stage_done: Callable[[str], None], stage_cache: dict | None, update_hidden: bool,
+                     cache: OutputCache) -> LayerResult:
+    spec, clip, result = recipe.spec, recipe.clip, LayerResult()
+    key = (type(layer).__name__, tuple(sorted(expert_pattern(n) for n in modules)))
+    if stage_cache is None or key not in stage_cache:
+        stages = trace_stages(runner, index, layer, modules)
+        if stage_cache is not None:
+            stage_cache[key] = stages
+    for stage in stage_cache[key] if stage_cache is not None else stages:
         groups = [_expand(p, modules) for p in stage]  # per pattern: concrete names (one, or one per expert)
+        if not groups[0]:
+            continue
         is_experts = "*" in stage[0]
-        sources = [modules[g[0]] for g in zip(*groups, strict=True)] if groups[0] else []
+        per_source = list(zip(*groups, strict=True))  # per source (expert): the names of the stage's modules
         block = layer.get_submodule(stage[0].split(".experts.*")[0]) if is_experts else None
         stage_done("hessian " + ",".join(stage))
-        accs = _collect(runner, index, layer, sources, block)
+        accs = _collect(runner, index, layer, [modules[names[0]] for names in per_source], block, cache)
         H = torch.stack([a.finalize() for a in accs])  # [S, in, in] one per source (expert)
         counts = [a.num_samples for a in accs]
         use_rtn = [False] * len(accs)
@@ -166,23 +217,43 @@ def quantize_layer(runner: LayerRunner, index: int, layer: nn.Module, modules: d
                     if e not in result.sparse_experts:
                         result.sparse_experts.append(e)
         stage_done("gptq " + ",".join(stage))
-        for names in groups:
-            W = torch.stack([weight_of(modules[n]) for n in names])  # [S, out, in]
-            outcomes = gptq_quantize_batched(W, H, spec, recipe.block_size, recipe.damp, recipe.act_order, names)
-            for s, (name, out) in enumerate(zip(names, outcomes, strict=True)):
-                q, method = out.q, "gptq"
+        parts = [weight_of(modules[n]) for n in per_source[0]]
+        bounds = torch.tensor([0] + [p.shape[0] for p in parts]).cumsum(0).tolist()  # row ranges of the modules
+        W = torch.stack([torch.cat([weight_of(modules[n]) for n in names]) for names in per_source])  # [S, Σout, in]
+        outcomes = gptq_quantize_batched(W, H, spec, recipe.block_size, recipe.damp, recipe.act_order,
+                                         ["+".join(names) for names in per_source], clip)
+        quantized = [quantize_rtn(W[s], spec, clip) if use_rtn[s] else out.q for s, out in enumerate(outcomes)]
+        terms = torch.stack([output_error_terms(W[s], dequantize(q), H[s]) if use_rtn[s] else outcomes[s].row_terms
+                             for s, q in enumerate(quantized)])  # [S, Σout, 2]
+        for m, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            errors = relative_error_of(terms[:, r0:r1]).tolist()  # [S] error of module m in each source
+            for s, names in enumerate(per_source):
+                method = "gptq"
                 if use_rtn[s]:
-                    q, method = quantize_rtn(W[s], spec), "rtn (too few tokens)"
-                elif out.fell_back:
+                    method = "rtn (too few tokens)"
+                elif outcomes[s].fell_back:
                     method = "rtn (cholesky failed)"
                 elif is_experts and counts[s] < recipe.min_expert_tokens:
                     method = "gptq (pooled hessian)"
-                error = float(relative_output_error(W[s], dequantize(q), H[s]))
-                _record(result, modules[name], name, q, method, error if math.isfinite(error) else None, counts[s])
+                error = errors[s] if math.isfinite(errors[s]) else None
+                _record(result, modules[names[m]], names[m], rows_of(quantized[s], r0, r1), method, error, counts[s])
+        cache.update(set(result.quantized))
     for name in sorted(set(modules) - set(result.quantized)):  # never called on calibration data: no Hessian
         log.warning("layer %d: %s saw no calibration input; round-to-nearest", index, name)
-        _record(result, modules[name], name, quantize_rtn(weight_of(modules[name]), spec), "rtn (never called)", None, 0)
+        _record(result, modules[name], name, quantize_rtn(weight_of(modules[name]), spec, clip), "rtn (never called)", None, 0)
+    if update_hidden:
+        stage_done("forward (quantized)")
+        cache.update(set(result.quantized))
+        cache.new_pass()
+        runner.forward(index, layer, update=True)  # the next layer's inputs come from this quantized layer
     return result
+
+
+def rows_of(q: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
+    """Rows r0:r1 of a quantized matrix (every grid parameter is per row)."""
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[r0:r1].clone()
+    return QuantizedTensor(q.spec, cut(q.codes), cut(q.scales), cut(q.zeros), cut(q.lo_hi))
 
 
 def _record(result: LayerResult, module: nn.Module, name: str, q: QuantizedTensor, method: str, error: float | None,
@@ -196,6 +267,6 @@ def rtn_layer(weights: dict[str, Tensor], recipe: QuantRecipe) -> LayerResult:
     """Round-to-nearest of every matrix given (name -> fp32 [out, in]); no calibration, no Hessian."""
     result = LayerResult()
     for name, w in weights.items():
-        result.quantized[name] = quantize_rtn(w, recipe.spec)
+        result.quantized[name] = quantize_rtn(w, recipe.spec, recipe.clip)
         result.tensors[name] = {"method": "rtn", "error": None, "tokens": 0}
     return result

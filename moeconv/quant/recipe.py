@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from moeconv.quant.grids import QuantSpec
+from moeconv.quant.grids import ClipSearch, QuantSpec
 from moeconv.recipe import CalibrationSpec, Strict, load_yaml_recipe, parse_size
 
 BITS_CHOICES = ("8", "4", "3", "2", "ternary", "sub1")
@@ -26,6 +26,7 @@ class QuantRecipe(Strict):
     method: Literal["gptq", "rtn"] = "gptq"
     damp: float = Field(0.01, ge=0)  # GPTQ: 0.01; QMoE uses 0.1 for ternary
     act_order: bool = False
+    clip_search: float = Field(0.0, ge=0, lt=1)  # intN: try each group's range shrunk down to (1 - this); 0 = min/max
     block_size: int = Field(128, ge=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     batch_size: int = Field(8, ge=1)  # calibration windows per forward
@@ -60,6 +61,10 @@ class QuantRecipe(Strict):
     def spec(self) -> QuantSpec:
         bits: int | str = self.bits if self.bits in ("ternary", "sub1") else int(self.bits)
         return QuantSpec(bits, self.group_size, self.symmetric)
+
+    @property
+    def clip(self) -> ClipSearch | None:
+        return ClipSearch(self.clip_search) if self.clip_search > 0 else None
 
     @property
     def needs_calibration(self) -> bool:
