@@ -230,10 +230,10 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                 stale.unlink()
     for stale in partial.path.glob("hidden-*.safetensors"):
         stale.unlink(missing_ok=True)
-    return _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, progress)
+    return _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, device, progress)
 
 
-def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, progress) -> dict:
+def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, device, progress) -> dict:
     progress(ProgressEvent("writing config, code and tokenizer"))
     weight_map = {t: names[s] for s, units in enumerate(plan.shards) for u in units for t in layout.unit_names(u)}
     partial.write_index(weight_map, plan.output_bytes)
@@ -254,7 +254,7 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, pro
         "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
     }
     if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place
-        provenance["heal"] = _heal_partial(plan.source, partial, recipe, progress)
+        provenance["heal"] = _heal_partial(plan.source, partial, recipe, device, progress)
     partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     (partial.path / "layer-metrics.json").unlink(missing_ok=True)  # kept until here: a resumed heal still reports them
     partial.finalize()
@@ -262,7 +262,7 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, pro
     return provenance
 
 
-def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, progress: ProgressFn) -> dict:
+def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, device: torch.device, progress: ProgressFn) -> dict:
     """Distil the dense source into the MoE written at OUT.partial and rewrite its shards.  -> heal metrics
 
     Checkpoints live in OUT.partial/heal-state; heal saves one after its last step too, so a run killed
@@ -271,7 +271,7 @@ def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, progr
     from moeconv.heal import HealEvent, heal, write_like_student
     from moeconv.io.load import load_model, load_tokenizer
 
-    device = "cuda" if torch.cuda.is_available() and recipe.heal.mixed_precision != "no" else "cpu"
+    device = str(device)
     progress(ProgressEvent("loading student and teacher for heal"))
     student = load_model(partial.path, "float32", device)
     teacher = load_model(src, "float32", device)
