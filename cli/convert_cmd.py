@@ -24,6 +24,7 @@ def _plan_table(plan: ConvertPlan) -> Table:
         ("parameters", f"{plan.total_params / 1e6:.2f}M total, {plan.active_params / 1e6:.2f}M active per token"),
         ("output", f"{plan.output_bytes / 2**20:.1f} MiB in {len(plan.shards)} shard(s), {plan.dtype}"),
         ("calibration", f"{plan.calibration_tokens} tokens"),
+        ("heal", f"{plan.heal_tokens} tokens, end to end" if plan.heal_tokens else "none"),
         ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
         ("tensors", f"{len(plan.tensors)} (first: {', '.join(plan.tensors[:3])} ...)"),
     ]

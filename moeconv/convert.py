@@ -61,6 +61,7 @@ class ConvertPlan:
     shards: list[list[int]]
     unit_bytes: list[int]
     calibration_tokens: int
+    heal_tokens: int
     total_params: int
     active_params: int
     peak_bytes_estimate: int
@@ -123,7 +124,8 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     plan = ConvertPlan(
         source=src, family=reader.config.model_type, layers=layout.num_layers, d_model=d, d_ff=adapter.d_ff(reader.config),
         experts=recipe.experts, top_k=recipe.top_k, expert_size=expert_size, shared_size=shared_size, dtype=dtype,
-        shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib, total_params=total, active_params=active,
+        shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib,
+        heal_tokens=recipe.heal.steps() * recipe.heal.batch * recipe.heal.seqlen if recipe.heal else 0, total_params=total, active_params=active,
         peak_bytes_estimate=peak, tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
     )
     return plan, layout

@@ -329,3 +329,12 @@ def test_prune_checkpoint_writes_a_loadable_smaller_model_and_never_overwrites(m
     assert torch.isfinite(pruned(input_ids=models["held"][:1]).logits).all()
     with pytest.raises(MoeconvError, match="already exists"):
         prune_checkpoint(str(models["dense"]), out, 0.5, calib_source=str(models["train"]), calib_tokens=256, seqlen=64)
+
+
+def test_dry_run_plan_states_the_heal_budget(models):
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(models["dense"]), str(models["root"] / "never"), "--experts", "4", "--top-k", "2",
+                                 "--heal-tokens", "1000", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["heal_tokens"] == 8 * 512  # rounded up to one whole step of 8 windows of 512
+    assert not (models["root"] / "never").exists() and not (models["root"] / "never.partial").exists()
