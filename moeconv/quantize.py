@@ -258,11 +258,10 @@ def _quantize_layer(reader, recipe, plan, ctx, runner, i, progress) -> LayerResu
     progress(ProgressEvent("materialize", i, plan.layers))
     layer = runner.materialize(i)
     try:
-        with per_expert_modules():
+        with per_expert_modules(layer):
             modules = quantizable(layer, f"{prefix}.{i}.", recipe.exclude)
-            result = quantize_layer(runner, i, layer, modules, recipe, lambda stage: progress(ProgressEvent(stage, i, plan.layers)))
-            progress(ProgressEvent("forward (quantized)", i, plan.layers))
-            runner.forward(i, layer, update=True)  # the next layer's inputs come from this quantized layer
+            result = quantize_layer(runner, i, layer, modules, recipe, lambda stage: progress(ProgressEvent(stage, i, plan.layers)),
+                                    ctx.setdefault("stage_cache", {}), update_hidden=True)
     finally:
         runner.release(i)
     return result
