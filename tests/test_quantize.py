@@ -284,11 +284,11 @@ def test_per_expert_modules_is_per_instance_and_exact():
         reference = block(x)
         seen.clear()
         with per_expert_modules(block):
-            assert "routed_sum" in block.__dict__ and "routed_sum" not in other.__dict__
+            assert not block.use_fused_kernel and other.use_fused_kernel
             inside = block(x)
     assert sorted(set(seen)) == sorted(set(block.route(x.reshape(-1, 8))[0].flatten().tolist()))
     assert torch.allclose(inside, reference, atol=1e-6)
-    assert "routed_sum" not in block.__dict__ and "routed_outputs" not in block.__dict__
+    assert block.use_fused_kernel
 
 
 def test_inspect_counts_logical_weights_of_quantized_linears(sources, tmp_path):

@@ -9,7 +9,6 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -31,37 +30,16 @@ KEEP_HIGH_PRECISION = re.compile(r"(^|\.)(router|dag)(\.|$)")  # routers and DAG
 def per_expert_modules(root: nn.Module) -> Iterator[None]:
     """Inside the block, every MoE block under `root` runs its experts as their own modules, never the fused kernel:
     the calibration hooks need every expert Linear called, and the quantized checkpoint (QuantLinear experts) runs
-    the per-expert path too. Only these instances change (instance attributes shadowing the class methods)."""
-    blocks = [m for m in root.modules() if callable(getattr(m, "routed_outputs", None)) and hasattr(m, "experts")]
+    the per-expert path too. Only these instances change."""
+    blocks = [m for m in root.modules() if hasattr(m, "use_fused_kernel")]
+    saved = [block.use_fused_kernel for block in blocks]
     for block in blocks:
-        block.__dict__["routed_outputs"] = partial(_per_expert_outputs, block)
-        block.__dict__["routed_sum"] = partial(_per_expert_sum, block)
+        block.use_fused_kernel = False
     try:
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("routed_outputs", None)
-            block.__dict__.pop("routed_sum", None)
-
-
-def _per_expert_outputs(block: nn.Module, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-    """Each selected expert's weighted output, one slot per choice, each expert called as a module.  [T, d] -> [T, k, d]"""
-    out = x.new_zeros(x.shape[0], ids.shape[1], x.shape[1])
-    for e, expert in enumerate(block.experts):
-        token, slot = torch.nonzero(ids == e, as_tuple=True)
-        if token.numel():
-            out[token, slot] = expert(x[token]) * weights[token, slot, None]
-    return out
-
-
-def _per_expert_sum(block: nn.Module, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-    """Σ of the selected experts' weighted outputs, each expert called as a module.  [T, d] -> [T, d]"""
-    out = torch.zeros_like(x)
-    for e, expert in enumerate(block.experts):
-        token, slot = torch.nonzero(ids == e, as_tuple=True)
-        if token.numel():
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-    return out
+        for block, flag in zip(blocks, saved, strict=True):
+            block.use_fused_kernel = flag
 
 
 def expert_pattern(name: str) -> str:

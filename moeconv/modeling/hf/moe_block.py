@@ -54,6 +54,8 @@ class MoeconvMoeBlock(nn.Module):
         self.top_k = moe["top_k"]
         self.scoring = moe.get("scoring", "none")
         self.renormalize = moe.get("renormalize", False)
+        # False: call every expert as its own module (calibration hooks on expert Linears need that).
+        self.use_fused_kernel = True
         self.activation = moe["activation"]
         expert_size, shared_size = moe["expert_size"], moe.get("shared_size", 0)
         gated, bias = moe.get("gated", True), moe.get("ffn_bias", False)
@@ -74,7 +76,7 @@ class MoeconvMoeBlock(nn.Module):
 
     def routed_outputs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each selected expert's weighted output, one slot per choice.  [T, d] -> [T, k, d]"""
-        if _fused_moe_ffn is not None and not torch.is_grad_enabled():
+        if _fused_moe_ffn is not None and self.use_fused_kernel and not torch.is_grad_enabled():
             # The fused op sums a token's slots; one row per (token, slot) with k = 1 keeps them apart.
             per_slot = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, x.shape[1])  # [T·k, d]
             fused = _fused_moe_ffn(self, per_slot, ids.reshape(-1, 1), weights.reshape(-1, 1))
@@ -89,7 +91,7 @@ class MoeconvMoeBlock(nn.Module):
 
     def routed_sum(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sum of the selected experts' weighted outputs.  [T, d] -> [T, d]"""
-        if _fused_moe_ffn is not None and not torch.is_grad_enabled():
+        if _fused_moe_ffn is not None and self.use_fused_kernel and not torch.is_grad_enabled():
             fused = _fused_moe_ffn(self, x, ids, weights)
             if fused is not None:
                 return fused
