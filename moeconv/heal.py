@@ -73,14 +73,12 @@ class HealConfig(BaseModel):
 
 def heal_config(data: dict | None, where: str = "recipe heal") -> HealConfig:
     """A HealConfig from a recipe's `heal:` mapping; a bad field is a one-line RecipeError."""
+    from moeconv.recipe import first_error  # imported here: moeconv.recipe imports HealConfig from this module
+
     try:
         return HealConfig.model_validate(data or {})
     except ValidationError as err:
-        e = err.errors()[0]
-        name = ".".join(str(p) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
-            raise RecipeError(f"{where}: unknown field '{name}'; remove it or check its spelling") from None
-        raise RecipeError(f"{where}: field '{name}': {e['msg']}") from None
+        raise first_error(err, where) from None
 
 
 @dataclass

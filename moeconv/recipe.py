@@ -75,7 +75,7 @@ def parse_size(text: str) -> int:
     raise ValueError(f"'{text}' is not a size like 1GB, 500MB or 1234")
 
 
-def _first_error(err: ValidationError, where: str) -> RecipeError:
+def first_error(err: ValidationError, where: str) -> RecipeError:
     e = err.errors()[0]
     field = ".".join(str(p) for p in e["loc"]) or "(root)"
     if e["type"] == "extra_forbidden":
@@ -109,7 +109,7 @@ def load_yaml_recipe(model: type[BaseModel], path: str | Path | None, overrides:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise _first_error(err, where) from None
+        raise first_error(err, where) from None
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
