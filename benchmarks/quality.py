@@ -10,7 +10,9 @@ always active (the most active on calibration text) and routes top-(k-1) of E-1 
 active neuron count equals the plain row's. "prune" is the static competitor: a dense model that
 keeps the same number of neurons per FFN (largest mean |activation|). "X+heal" heals row X's
 checkpoint end to end (KL to the dense logits + LM loss, HealConfig defaults) on --heal-tokens
-Shakespeare train tokens: the same budget for every healed row. "X+dag" adds a DAG-MoE aggregator
+Shakespeare train tokens: the same budget for every healed row. Every MoE row and the prune row
+get the same least-squares refit of the down projections (moeconv.refit; --no-refit turns it off
+for all rows). "X+dag" adds a DAG-MoE aggregator
 to row X's checkpoint (`moeconv dag`, defaults), distilled on the same calibration budget. Results are cached in
 WORK/results.json so an interrupted run continues.
 """
@@ -33,6 +35,7 @@ from moeconv.convert import convert
 from moeconv.eval.perplexity import EvalSettings, evaluate_model
 from moeconv.prune import prune_checkpoint
 from moeconv.recipe import load_recipe
+from moeconv.refit import RefitConfig
 
 
 def real_model() -> Path:
@@ -75,9 +78,13 @@ def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -
                "--calib-tokens", str(args.calib_tokens), "--device", "cpu", "-q"]
         subprocess.run(cmd, check=True)
     elif method == "prune":
-        prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens)
+        prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens,
+                         refit=None if args.no_refit else RefitConfig())
     else:
-        convert(str(gguf), out, load_recipe(None, row_recipe(method, experts, top_k, args)), force=True)
+        recipe = load_recipe(None, row_recipe(method, experts, top_k, args))
+        if args.no_refit:
+            recipe = recipe.model_copy(update={"refit": None})
+        convert(str(gguf), out, recipe, force=True)
     return out
 
 
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--print-only", action="store_true", help="print the cached rows, build and measure nothing")
     parser.add_argument("--heal-tokens", type=int, default=32768, help="heal budget of every X+heal row")
+    parser.add_argument("--no-refit", action="store_true", help="no least-squares refit in any row (the pre-refit protocol)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cache_file = args.work / "results.json"
@@ -122,7 +130,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); eval: shakespeare:heldout, seqlen {args.seqlen}, "
           f"{dense['windows']} windows, {dense['predicted']} predicted tokens; calibration: shakespeare train, "
-          f"{args.calib_tokens} tokens; heal: {args.heal_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
+          f"{args.calib_tokens} tokens; refit: {'off' if args.no_refit else 'on'}; heal: {args.heal_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | build s |")
     print("|---|---|---:|---:|---:|---:|---:|")

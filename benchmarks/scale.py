@@ -37,7 +37,7 @@ def build(folder: Path, layers: int, hidden: int, ffn: int) -> int:
 def measure(src: Path, out: Path, experts: int, top_k: int) -> tuple[float, float]:
     """(peak RSS GiB, seconds) of one conversion in a fresh process."""
     cmd = [sys.executable, "-m", "moeconv.cli.app", "convert", str(src), str(out), "--experts", str(experts), "--top-k",
-           str(top_k), "--no-router-training", "--max-shard-size", "200MB", "-q", "--force"]
+           str(top_k), "--no-router-training", "--no-refit", "--max-shard-size", "200MB", "-q", "--force"]
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PEAK, *cmd], check=True, capture_output=True, text=True)
     return int(result.stdout.strip().splitlines()[-1]) / 2**20, time.perf_counter() - start

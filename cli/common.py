@@ -56,8 +56,9 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-# Per-layer metrics shown when a layer is done: FFN output error vs dense, router recall vs the oracle, load balance.
-LAYER_METRICS = (("rel_error", "err"), ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
+# Per-layer metrics shown when a layer is done: FFN output error vs dense (before and after the refit), router
+# recall vs the oracle, load balance.
+LAYER_METRICS = (("rel_error", "err"), ("refit_error_after", "refit err"), ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progre
 from moeconv.convert import ConvertPlan, convert
 from moeconv.io.load import resolve_device
 from moeconv.recipe import load_recipe
+from moeconv.refit import RefitConfig
 
 
 def _plan_table(plan: ConvertPlan) -> Table:
@@ -24,6 +25,7 @@ def _plan_table(plan: ConvertPlan) -> Table:
         ("parameters", f"{plan.total_params / 1e6:.2f}M total, {plan.active_params / 1e6:.2f}M active per token"),
         ("output", f"{plan.output_bytes / 2**20:.1f} MiB in {len(plan.shards)} shard(s), {plan.dtype}"),
         ("calibration", f"{plan.calibration_tokens} tokens"),
+        ("stages", " -> ".join(plan.stages)),
         ("heal", f"{plan.heal_tokens} tokens, end to end" if plan.heal_tokens else "none"),
         ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
         ("tensors", f"{len(plan.tensors)} (first: {', '.join(plan.tensors[:3])} ...)"),
@@ -44,6 +46,7 @@ def convert_command(
     calib: Annotated[str | None, typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
     calib_tokens: Annotated[int | None, typer.Option(help="calibration tokens")] = None,
     seqlen: Annotated[int | None, typer.Option(help="calibration window length")] = None,
+    refit: Annotated[bool | None, typer.Option("--refit/--no-refit", help="least-squares refit of each down projection under its routing (default: the recipe's, on)")] = None,
     dag: Annotated[bool, typer.Option("--dag", help="add a DAG-MoE aggregator (recipe defaults), distilled per layer")] = False,
     heal_tokens: Annotated[int | None, typer.Option(help="heal the MoE end to end on N tokens after partitioning")] = None,
     heal_source: Annotated[str | None, typer.Option(help="heal text (default: the calibration text)")] = None,
@@ -72,6 +75,8 @@ def convert_command(
     if heal_tokens is not None or heal_source is not None:
         overrides.update({"heal.tokens": heal_tokens, "heal.source": heal_source or calib})
     resolved = load_recipe(recipe, overrides)
+    if refit is not None and (resolved.refit is not None) != refit:  # the flag wins over the recipe
+        resolved = resolved.model_copy(update={"refit": RefitConfig() if refit else None})
     with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:
         result = convert(src, out, resolved, force=force, resume=resume, dry_run=dry_run,
                          device=resolve_device(device), progress=progress)

@@ -62,6 +62,7 @@ class ConvertPlan:
     unit_bytes: list[int]
     calibration_tokens: int
     heal_tokens: int
+    stages: list[str]  # what runs on every layer, then on the whole model, in order
     total_params: int
     active_params: int
     peak_bytes_estimate: int
@@ -119,13 +120,21 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     calib = recipe.calibration.tokens if recipe.needs_calibration(get_partitioner(recipe.partition.method).needs_calibration) else 0
     d = layout.d_model
     shard_bytes = max(sum(unit_bytes[u] for u in s) for s in shards)
-    peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0]
+    d_ff = adapter.d_ff(reader.config)
+    refit_bytes = 2 * d_ff * (d_ff + d) * 8 if recipe.refits and calib else 0  # train + held normal equations
+    peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0] + refit_bytes
+    stages = [f"partition ({recipe.partition.method})"]
+    if calib:
+        stages += [name for name, on in (("router", recipe.train_router), ("refit", recipe.refits),
+                                         ("dag", recipe.dag is not None)) if on]
+    if recipe.heal is not None:
+        stages.append("heal")
     total, active = layout.parameter_counts()
     plan = ConvertPlan(
-        source=src, family=reader.config.model_type, layers=layout.num_layers, d_model=d, d_ff=adapter.d_ff(reader.config),
+        source=src, family=reader.config.model_type, layers=layout.num_layers, d_model=d, d_ff=d_ff,
         experts=recipe.experts, top_k=recipe.top_k, expert_size=expert_size, shared_size=shared_size, dtype=dtype,
         shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib,
-        heal_tokens=recipe.heal.steps() * recipe.heal.batch * recipe.heal.seqlen if recipe.heal else 0, total_params=total, active_params=active,
+        heal_tokens=recipe.heal.steps() * recipe.heal.batch * recipe.heal.seqlen if recipe.heal else 0, stages=stages, total_params=total, active_params=active,
         peak_bytes_estimate=peak, tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
     )
     return plan, layout

@@ -10,6 +10,7 @@ from torch import nn
 
 from moeconv.errors import MoeconvError, RecipeError
 from moeconv.io.adapters import FamilyAdapter, adapter_for
+from moeconv.refit import NormalEquations, RefitConfig, refit_with_holdout
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,61 @@ def _slice_ffn(ffn: nn.Module, adapter: FamilyAdapter, keep: torch.Tensor, d_ff:
         down.in_features = keep.numel()
 
 
+def _down_weight(down: nn.Module, adapter: FamilyAdapter) -> torch.Tensor:
+    """The down projection as [d, d_ff] whatever the module layout (gpt2's Conv1D stores [in, out])."""
+    return down.weight.data.T if adapter.conv1d else down.weight.data
+
+
+@torch.no_grad()
+def _refit_kept(model: nn.Module, adapter: FamilyAdapter, keeps: list[torch.Tensor], windows: torch.Tensor,
+                config: RefitConfig, batch: int) -> list[tuple[torch.Tensor, dict[str, float]]]:
+    """Least-squares refit of each layer's down projection on its kept neurons, to reproduce the full FFN
+    output on calibration windows (the last holdout_fraction of them judge the fit). Memory: two
+    keep x keep float64 Gram matrices per layer.  -> per layer (down [d, keep], metrics)"""
+    downs = [getattr(_ffn(model, adapter, i), adapter.down) for i in range(len(keeps))]
+    d = _down_weight(downs[0], adapter).shape[0]
+    stats = {part: [NormalEquations(k.numel(), d) for k in keeps] for part in ("train", "held")}
+    part = ["train"]
+
+    def hook(i: int):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            h = args[0].detach().float().flatten(0, -2)  # [T, d_ff]
+            y = output.detach().float().flatten(0, -2)  # [T, d]
+            if getattr(module, "bias", None) is not None:
+                y = y - module.bias.float()
+            stats[part[0]][i].add(h[:, keeps[i].to(h.device)], y)
+        return record
+
+    held = max(1, int(round(windows.shape[0] * config.holdout_fraction)))
+    if held >= windows.shape[0]:
+        raise RecipeError(f"refit needs at least 2 calibration windows, got {windows.shape[0]}; pass more calibration tokens")
+    device = next(model.parameters()).device
+    handles = [down.register_forward_hook(hook(i)) for i, down in enumerate(downs)]
+    try:
+        for name, rows in (("train", windows[:-held]), ("held", windows[-held:])):
+            part[0] = name
+            for b in range(0, rows.shape[0], batch):
+                model(input_ids=rows[b : b + batch].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        refit_with_holdout(stats["train"][i], stats["held"][i], _down_weight(down, adapter)[:, keeps[i].to(device)].float().cpu(),
+                           config.damp)
+        for i, down in enumerate(downs)
+    ]
+
+
 def prune_ffn_to_active(
-    model: nn.Module, keep_fraction: float, calib_windows: torch.Tensor, *, keep: int | None = None, batch: int = 4
+    model: nn.Module, keep_fraction: float, calib_windows: torch.Tensor, *, keep: int | None = None, batch: int = 4,
+    refit: RefitConfig | None = None,
 ) -> nn.Module:
     """Shrink every FFN of a dense HF causal LM to its `keep` (default round(keep_fraction * d_ff)) neurons of
     largest mean |activation| on calib_windows [N, L]; in place, config updated; returns the model.
 
     To match a MoE with top_k of E experts (plus S shared neurons), keep = top_k * expert_size + S:
-    the pruned model then has the same number of active FFN neurons per token.
+    the pruned model then has the same number of active FFN neurons per token. With `refit`, each
+    layer's down projection is then re-solved by least squares on the kept neurons (moeconv.refit).
     """
     adapter = adapter_for(model.config)  # refuses MoE / unsupported families
     d_ff = adapter.d_ff(model.config)
@@ -99,22 +147,29 @@ def prune_ffn_to_active(
     if not 1 <= keep <= d_ff:
         raise RecipeError(f"cannot keep {keep} of {d_ff} FFN neurons; pass 1 <= keep <= {d_ff}")
     importance = neuron_importance(model, calib_windows, batch)
-    kept_mass = []
-    for i, score in enumerate(importance):
-        chosen = torch.topk(score, keep).indices.sort().values  # [keep], in the original neuron order
-        kept_mass.append(float(score[chosen].sum() / score.sum().clamp_min(1e-30)))
-        _slice_ffn(_ffn(model, adapter, i), adapter, chosen, d_ff)
+    keeps = [torch.topk(score, keep).indices.sort().values for score in importance]  # [keep], in neuron order
+    kept_mass = [float(score[k].sum() / score.sum().clamp_min(1e-30)) for score, k in zip(importance, keeps, strict=True)]
+    refits = _refit_kept(model, adapter, keeps, calib_windows, refit, batch) if refit is not None else None
+    for i, chosen in enumerate(keeps):
+        ffn = _ffn(model, adapter, i)
+        _slice_ffn(ffn, adapter, chosen, d_ff)
+        if refits is not None:
+            down = getattr(ffn, adapter.down)
+            fitted = refits[i][0].to(down.weight.dtype)
+            down.weight.data.copy_(fitted.T if adapter.conv1d else fitted)
     key = adapter.d_ff_keys[0]
     setattr(model.config, key, keep)
     log.info("pruned FFNs to %d of %d neurons; kept %.3f of the activation mass on average", keep, d_ff,
              sum(kept_mass) / len(kept_mass))
     model.prune_metrics = {"d_ff": d_ff, "kept": keep, "layers": len(importance), "kept_activation_mass": kept_mass}
+    if refits is not None:
+        model.prune_metrics["refit"] = [metrics for _, metrics in refits]
     return model
 
 
 def prune_checkpoint(
     src: str, out: str | Path, keep_fraction: float, *, calib_source: str = "shakespeare", calib_tokens: int = 16384,
-    seqlen: int = 512, force: bool = False,
+    seqlen: int = 512, force: bool = False, refit: RefitConfig | None = None,
 ) -> dict:
     """Write SRC pruned to keep_fraction of its FFN neurons (largest mean |activation| on the calibration
     text) as a transformers folder at OUT, through OUT.partial.  -> the pruning metrics."""
@@ -129,8 +184,9 @@ def prune_checkpoint(
     model = load_model(src, "float32", "cpu")
     tokenizer = load_tokenizer(src)
     windows = tokenize_windows(tokenizer, load_text(calib_source), calib_tokens, seqlen)  # [N, L]
-    prune_ffn_to_active(model, keep_fraction, windows)
-    partial = PartialOutput(out, f"prune:{src}:{keep_fraction}:{calib_source}:{calib_tokens}:{seqlen}", resume=False, force=force)
+    prune_ffn_to_active(model, keep_fraction, windows, refit=refit)
+    tag = f"prune:{src}:{keep_fraction}:{calib_source}:{calib_tokens}:{seqlen}:{refit.model_dump_json() if refit else None}"
+    partial = PartialOutput(out, tag, resume=False, force=force)
     model.save_pretrained(partial.path)
     tokenizer.save_pretrained(partial.path)
     partial.finalize()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeconv.errors import RecipeError
 from moeconv.heal import HealConfig
+from moeconv.refit import RefitConfig
 
 
 class Strict(BaseModel):
@@ -38,6 +39,8 @@ class ConvertRecipe(Strict):
     router: dict[str, Any] = Field(default_factory=dict)  # moeconv.router.train.RouterConfig fields
     train_router: bool = True  # False: keep a random router (only sensible with top_k == experts)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    # Least-squares refit of each layer's down projection under its routing (moeconv.refit); null turns it off.
+    refit: RefitConfig | None = Field(default_factory=RefitConfig)
     dag: dict[str, Any] | None = None
     heal: HealConfig | None = None  # end-to-end distillation of the whole MoE model after the layer stages
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -59,8 +62,13 @@ class ConvertRecipe(Strict):
             DagConfig(**v)  # unknown or invalid aggregator settings fail at load time
         return v
 
+    @property
+    def refits(self) -> bool:
+        """Whether the refit stage runs: with every expert active nothing is dropped, so there is nothing to refit."""
+        return self.refit is not None and self.top_k < self.experts
+
     def needs_calibration(self, partitioner_needs: bool) -> bool:
-        return partitioner_needs or self.train_router or self.dag is not None
+        return partitioner_needs or self.train_router or self.refits or self.dag is not None
 
 
 def parse_size(text: str) -> int:

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
-from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
+from moeconv.modeling.hf.moe_block import MoeconvMoeBlock, route
 from moeconv.partition import Partitioner, select_shared_neurons
 from moeconv.recipe import ConvertRecipe
+from moeconv.refit import neuron_gates, refit_down
 from moeconv.router import RouterConfig, train_router
 
 
@@ -65,6 +66,9 @@ def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Call
     else:  # an untrained router: only sensible when every expert is selected (top_k == experts)
         router = torch.randn(recipe.experts, ffn.d_model, generator=ctx.generator) * ffn.d_model**-0.5
     ctx.router = router
+    if recipe.refits and ctx.calib is not None:
+        on_stage("refit")
+        refit_layer(ctx)
     if recipe.dag is not None and ctx.calib is not None:
         on_stage("dag")
         from moeconv.dag import DagConfig, distill_dag
@@ -75,6 +79,20 @@ def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Call
         metrics = distill_dag(block, ctx.calib, target, DagConfig(**recipe.dag), ctx.generator)
         ctx.dag_state = {k: v.detach().clone() for k, v in block.dag.state_dict().items()}
         ctx.metrics.update({f"dag_{k}": v for k, v in metrics.items()})
+
+
+def refit_layer(ctx: LayerContext) -> None:
+    """Replace ctx.ffn's down projection by its least-squares refit under the layer's routing."""
+    recipe, moe = ctx.recipe, ctx.moe
+    router = ctx.router.float()
+
+    def gates(x):
+        ids, weights = route(x @ router.T, recipe.top_k, recipe.scoring, recipe.renormalize)
+        return neuron_gates(ids, weights, moe["expert_size"], moe["num_experts"], moe.get("shared_size", 0))
+
+    order = torch.cat([ctx.shared, ctx.routed])
+    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit, ctx.generator)
+    ctx.metrics.update(metrics)
 
 
 def _expert_weights(ffn: DenseFFN, neurons: Tensor) -> dict[str, Tensor]:

@@ -60,7 +60,7 @@ def test_identity_conversion_is_exact_standalone(dense_models, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_sparse_model_is_valid_and_generates(dense_models, tmp_path, family):
     out = tmp_path / "moe"
-    recipe = load_recipe(None, {"experts": 6, "top_k": 2, "train_router": False})
+    recipe = load_recipe(None, {"experts": 6, "top_k": 2, "train_router": False}).model_copy(update={"refit": None})
     convert(str(dense_models[family]), out, recipe)
     model = load_model(out, device="cpu")
     with torch.no_grad():
