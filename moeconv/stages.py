@@ -91,7 +91,7 @@ def refit_layer(ctx: LayerContext) -> None:
         return neuron_gates(ids, weights, moe["expert_size"], moe["num_experts"], moe.get("shared_size", 0))
 
     order = torch.cat([ctx.shared, ctx.routed])
-    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit, ctx.generator)
+    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit)
     ctx.metrics.update(metrics)
 
 

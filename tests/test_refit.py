@@ -15,7 +15,7 @@ from moeconv.io.load import load_model
 from moeconv.modeling.hf.moe_block import route
 from moeconv.prune import prune_ffn_to_active
 from moeconv.recipe import load_recipe
-from moeconv.refit import NormalEquations, RefitConfig, neuron_gates, refit_down
+from moeconv.refit import NormalEquations, RefitConfig, neuron_gates, refit_down, refit_with_holdout
 
 
 def _ffn(d: int = 24, d_ff: int = 60, seed: int = 0) -> DenseFFN:
@@ -53,6 +53,24 @@ def test_normal_equations_match_direct_least_squares():
     torch.testing.assert_close(strong, w0, rtol=1e-3, atol=1e-3)
 
 
+def test_holdout_picks_the_damp_with_the_lowest_held_out_error():
+    g = torch.Generator().manual_seed(5)
+    w0, true = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    train, held = NormalEquations(30, 4), NormalEquations(30, 4)
+    for eq, n in ((train, 60), (held, 200)):  # few training rows: a weak ridge overfits
+        x = torch.randn(n, 30, generator=g)
+        eq.add(x, x @ true.T + 0.5 * torch.randn(n, 4, generator=g))
+    damps = [1e-4, 0.01, 0.1, 1.0, 10.0]
+    errors = {d: held.relative_error(train.solve(w0, d)) for d in damps}
+    fitted, metrics = refit_with_holdout(train, held, w0, damps)
+    assert metrics["refit_damp"] == min(errors, key=errors.get)
+    assert metrics["refit_error_after"] == pytest.approx(min(errors.values()))
+    torch.testing.assert_close(fitted, train.solve(w0, metrics["refit_damp"]))
+    # When no candidate beats the starting weights on the held-out rows, they are kept.
+    unchanged, metrics = refit_with_holdout(train, held, true, damps)
+    assert unchanged is true and metrics == {**metrics, "refit_kept": 0.0, "refit_damp": 0.0}
+
+
 def test_neuron_gates_follow_routing_weights():
     ids, weights = torch.tensor([[0, 2]]), torch.tensor([[0.3, 0.7]])
     got = neuron_gates(ids, weights, expert_size=2, num_experts=3, shared_size=1)
@@ -66,7 +84,7 @@ def test_refit_lowers_error_on_fresh_tokens():
     router = torch.randn(4, ffn.d_model, generator=g)
     gates = _gates(router, top_k=2, size=15)
     calib, fresh = torch.randn(4000, ffn.d_model, generator=g), torch.randn(2000, ffn.d_model, generator=g)
-    fitted, metrics = refit_down(ffn, order, gates, calib, RefitConfig(), torch.Generator().manual_seed(0))
+    fitted, metrics = refit_down(ffn, order, gates, calib, RefitConfig())
     assert metrics["refit_kept"] == 1.0 and metrics["refit_error_after"] < metrics["refit_error_before"]
     assert _moe_error(fitted, order, gates, fresh) < _moe_error(ffn, order, gates, fresh)
     torch.testing.assert_close(fitted.up, ffn.up)  # only the down projection changes
@@ -78,7 +96,7 @@ def test_refit_keeps_the_dense_weights_when_every_expert_is_active():
     g = torch.Generator().manual_seed(4)
     router = torch.randn(4, ffn.d_model, generator=g)
     x = torch.randn(1000, ffn.d_model, generator=g)
-    out, metrics = refit_down(ffn, torch.arange(ffn.d_ff), _gates(router, 4, 15), x, RefitConfig(), g)
+    out, metrics = refit_down(ffn, torch.arange(ffn.d_ff), _gates(router, 4, 15), x, RefitConfig())
     assert metrics["refit_kept"] == 0.0 and metrics["refit_error_before"] < 1e-5
     assert out is ffn  # nothing to compensate: the exact dense model is kept bit for bit
 
