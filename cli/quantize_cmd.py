@@ -21,7 +21,7 @@ def _plan_table(plan: QuantizePlan) -> Table:
     names = list(plan.modules)
     rows = [
         ("source", f"{plan.kind} {plan.family}, {plan.layers} layers"),
-        ("format", f"{plan.format}, group {group}, {plan.method}"),
+        ("format", f"{plan.format}, group {group}{', fp16 zero points' if plan.float_zeros else ''}, {plan.method}"),
         ("quantized linears", f"{len(names)} ({plan.quantized_weights / 1e6:.2f}M weights; first: {', '.join(names[:2])} ...)"),
         ("bits per weight", bits),
         ("output", f"{plan.output_bytes / 2**20:.1f} MiB in {len(plan.shards)} shard(s), others in {plan.dtype}"),
@@ -45,6 +45,7 @@ def quantize_command(
     damp: Annotated[float | None, typer.Option(help="GPTQ damping, fraction of mean diag(H)")] = None,
     act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ columns by decreasing diag(H)")] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="intN grid without zero points")] = None,
+    float_zeros: Annotated[bool | None, typer.Option("--float-zeros/--int-zeros", help="intN: fp16 zero points on each group's exact range (GGUF Q4_1 layout at group 32)")] = None,
     dtype: Annotated[str | None, typer.Option(help="dtype of the tensors kept in high precision")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="e.g. 1GB, 200MB")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -60,7 +61,7 @@ def quantize_command(
     overrides = {
         "bits": bits, "group_size": group_size, "method": method, "calibration.source": calib,
         "calibration.tokens": calib_tokens, "calibration.seqlen": seqlen, "damp": damp, "act_order": act_order,
-        "symmetric": symmetric, "dtype": dtype, "max_shard_size": max_shard_size,
+        "symmetric": symmetric, "float_zeros": float_zeros, "dtype": dtype, "max_shard_size": max_shard_size,
     }
     resolved = load_quant_recipe(recipe, overrides)
     with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:

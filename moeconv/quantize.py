@@ -55,6 +55,7 @@ class QuantizePlan:
     layers: int
     format: str
     group_size: int
+    float_zeros: bool
     method: str
     dtype: str
     calibration_tokens: int
@@ -145,7 +146,7 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
     peak = layer_bytes + calib * d * 4 * 3 + max(parse_size(recipe.max_shard_size), max(unit_bytes)) + unit_bytes[0]
     plan = QuantizePlan(
         source=src, kind=kind, family=reader.config.model_type if kind == "dense" else reader.config.base_config["model_type"],
-        layers=layers, format=spec.format, group_size=spec.group_size, method=recipe.method, dtype=dtype,
+        layers=layers, format=spec.format, group_size=spec.group_size, float_zeros=spec.float_zeros, method=recipe.method, dtype=dtype,
         calibration_tokens=calib, modules=modules, quantized_weights=n_weights,
         bits_per_weight_estimate=None if spec.bits == "sub1" else stored_bits / n_weights, unit_bytes=unit_bytes,
         shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,

@@ -12,7 +12,8 @@ from moeconv.quant.gptq import (
 )
 from moeconv.quant.grids import QuantSpec, dequantize, dequantize_codes, find_params, quantize_codes, quantize_rtn
 
-LOW_BIT_SPECS = [QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(2, 32), QuantSpec("ternary"), QuantSpec(4, -1, True)]
+LOW_BIT_SPECS = [QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(2, 32), QuantSpec("ternary"), QuantSpec(4, -1, True),
+                 QuantSpec(4, 32, float_zeros=True), QuantSpec(3, -1, float_zeros=True)]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,8 @@ import torch
 from moeconv.errors import RecipeError
 from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
 
-INT_SPECS = [QuantSpec(b, g, s) for b in (8, 4, 3, 2) for g in (-1, 16) for s in (False, True)]
+INT_SPECS = [QuantSpec(b, g, s, not s and fz) for b in (8, 4, 3, 2) for g in (-1, 16) for s in (False, True) for fz in (False, True)
+             if not (s and fz)]
 
 
 def test_unsupported_width_raises_one_line_recipe_error():
@@ -35,7 +36,7 @@ def test_spec_formats_and_ternary_normalisation():
     assert QuantSpec("sub1").format == "sub1" and QuantSpec("sub1").maxq == 2
 
 
-@pytest.mark.parametrize("spec", INT_SPECS, ids=lambda s: f"{s.format}-g{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+@pytest.mark.parametrize("spec", INT_SPECS, ids=lambda s: f"{s.format}-g{s.group_size}-{'sym' if s.symmetric else 'asym'}{'-fz' if s.float_zeros else ''}")
 def test_rtn_codes_in_range_and_error_within_half_step(spec):
     g = torch.Generator().manual_seed(spec.bits * 7 + spec.group_size)
     w = torch.randn(9, 48, generator=g) * torch.rand(9, 1, generator=g)  # rows of different scales
@@ -50,6 +51,35 @@ def test_rtn_codes_in_range_and_error_within_half_step(spec):
     # Half a step, plus what rounding the scale to fp16 can shift the extreme levels by (both grids may clip
     # the group's largest value by at most that much).
     assert bool((err <= (0.5 + spec.maxq * 2**-11) * step).all())
+
+
+def test_float_zeros_reproduce_a_q4_1_grid():
+    """GGUF Q4_1 stores w = d·q + m per block of 32 (d, m fp16); float zero points at group 32 recover the codes,
+    and the values up to the fp16 rounding of the zero point (|m|·2^-11 per weight)."""
+    g = torch.Generator().manual_seed(3)
+    rows, blocks = 6, 4
+    d = (torch.rand(rows, blocks, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (-torch.rand(rows, blocks, 1, generator=g) * 0.1).half().float()
+    q = torch.randint(0, 16, (rows, blocks, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every block spans its full range, as llama.cpp's quantizer makes it
+    w = (d * q + m).reshape(rows, blocks * 32)
+    fz, iz = quantize_rtn(w, QuantSpec(4, 32, float_zeros=True)), quantize_rtn(w, QuantSpec(4, 32))
+    assert torch.equal(fz.codes.reshape(rows, blocks, 32).float(), q)
+    bound = (m.abs() * 2**-10 + 1e-7).expand(-1, -1, 32).reshape(rows, -1)
+    assert bool(((dequantize(fz) - w).abs() <= bound).all())
+    assert (dequantize(fz) - w).norm() < 0.05 * (dequantize(iz) - w).norm()  # integer zero points cannot
+
+
+def test_float_zeros_fall_back_where_the_exact_range_cannot_be_stored():
+    w = torch.randn(4, 16)
+    w[0] = 5.0  # constant group: no range
+    w[1] = 1000.0 + torch.linspace(0, 1e-3, 16)  # spread tiny next to its offset: zero beyond fp16
+    q = quantize_rtn(w, QuantSpec(4, 16, float_zeros=True))
+    out = dequantize(q)
+    assert torch.isfinite(q.zeros).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:2], w[:2], rtol=2e-3, atol=0)
+    with pytest.raises(RecipeError, match="float_zeros"):
+        QuantSpec(4, 16, True, True)
 
 
 def test_rtn_is_nearest_level():

@@ -26,11 +26,14 @@ CASES = [
     (QuantSpec(3, 3, True), 4, 9),
     (QuantSpec(2, 11), 9, 33),
     (QuantSpec(2, -1, True), 5, 7),
+    (QuantSpec(4, 5, float_zeros=True), 13, 35),
+    (QuantSpec(3, -1, float_zeros=True), 6, 13),
+    (QuantSpec(2, 11, float_zeros=True), 9, 33),
     (QuantSpec("ternary"), 17, 31),
     (QuantSpec("sub1"), 17, 31),
     (QuantSpec("sub1"), 6, 1),
 ]
-IDS = [f"{s.format}-g{s.group_size}{'-sym' if s.symmetric else ''}-{o}x{i}" for s, o, i in CASES]
+IDS = [f"{s.format}-g{s.group_size}{'-sym' if s.symmetric else ''}{'-fz' if s.float_zeros else ''}-{o}x{i}" for s, o, i in CASES]
 
 
 def _quantized(spec, rows, cols, seed):

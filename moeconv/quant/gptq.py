@@ -218,7 +218,10 @@ def _round(col: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> tuple[Tensor
     if spec.is_ternary:
         codes = quantize_codes(col, p0, p1, spec)
         return codes.float(), dequantize_codes(codes, p0, p1, spec)
-    q = torch.round(col / p0).add_(p1).clamp_(0, spec.maxq)
+    if spec.float_zeros:  # fractional zero points: round after adding them, as quantize_codes does
+        q = torch.round(col / p0 + p1).clamp_(0, spec.maxq)
+    else:
+        q = torch.round(col / p0).add_(p1).clamp_(0, spec.maxq)
     return q, (q - p1).mul_(p0)
 
 

@@ -25,11 +25,15 @@ class QuantSpec:
 
     group_size: input features sharing one scale (-1 = one per row); ternary grids are always per row.
     symmetric: intN only; symmetric grids store no zero points (GPTQ convention: zero = 2^(b-1)).
+    float_zeros: intN only; fp16 zero points and each group's exact [min, max] (GGUF Q4_1 / HQQ style)
+        instead of integer zero points on a range that must contain 0. Reproduces a Q4_1 source exactly
+        at group size 32.
     """
 
     bits: int | str = 4
     group_size: int = 128
     symmetric: bool = False
+    float_zeros: bool = False
 
     def __post_init__(self) -> None:
         is_int = isinstance(self.bits, int) and not isinstance(self.bits, bool) and self.bits in INT_BITS
@@ -38,15 +42,18 @@ class QuantSpec:
         if self.is_ternary:  # per-row lo/hi by definition: normalise so equal specs compare equal
             object.__setattr__(self, "group_size", -1)
             object.__setattr__(self, "symmetric", False)
+            object.__setattr__(self, "float_zeros", False)
+        elif self.symmetric and self.float_zeros:
+            raise RecipeError("a symmetric grid has no zero points; drop either symmetric or float_zeros")
         elif not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
             raise RecipeError(f"group size {self.group_size!r} is invalid; use a positive integer or -1 (per row)")
 
     @classmethod
-    def from_format(cls, fmt: str, group_size: int = 128, symmetric: bool = False) -> QuantSpec:
+    def from_format(cls, fmt: str, group_size: int = 128, symmetric: bool = False, float_zeros: bool = False) -> QuantSpec:
         """`fmt` is one of FORMATS ("int4", "ternary", ...)."""
         if fmt not in FORMATS:
             raise RecipeError(f"unsupported quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
-        return cls(fmt if fmt in TERNARY_FORMATS else int(fmt[3:]), group_size, symmetric)
+        return cls(fmt if fmt in TERNARY_FORMATS else int(fmt[3:]), group_size, symmetric, float_zeros)
 
     @property
     def is_ternary(self) -> bool:
@@ -79,7 +86,7 @@ class QuantizedTensor:
 
     codes: [out, in] uint8 — intN levels 0..2^b-1, or ternary symbols {0: 0, 1: lo, 2: hi}.
     scales: [out, n_groups] fp32 holding fp16 values (intN), else None.
-    zeros: [out, n_groups] fp32 integer zero points (asymmetric intN), else None.
+    zeros: [out, n_groups] fp32 zero points (asymmetric intN): integers, or fp16 values with float_zeros; else None.
     lo_hi: [out, 2] fp32 holding bf16 values (ternary), else None.
     """
 
@@ -120,8 +127,11 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
     error in that search.
     """
     w = w.float()
-    lo = w.amin(dim=-1).clamp(max=0.0)  # [..., rows]
-    hi = w.amax(dim=-1).clamp(min=0.0)
+    if spec.float_zeros:  # the exact range: no need for 0 to be a grid point
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [..., rows]
+    else:
+        lo = w.amin(dim=-1).clamp(max=0.0)  # [..., rows]
+        hi = w.amax(dim=-1).clamp(min=0.0)
     if spec.is_ternary:
         return lo.to(LO_HI_DTYPE).float(), hi.to(LO_HI_DTYPE).float()
     best = _grid_of_range(lo, hi, spec)
@@ -144,7 +154,10 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
 
 
 def _grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """(scale, zero) of the intN grid covering [lo, hi] (lo <= 0 <= hi), rounded to their stored precision."""
+    """(scale, zero) of the intN grid covering [lo, hi] (lo <= 0 <= hi unless float_zeros), rounded to their stored
+    precision."""
+    if spec.float_zeros:
+        return _float_grid_of_range(lo, hi, spec)
     if spec.symmetric:
         hi = torch.maximum(-lo, hi)
         lo = -hi
@@ -159,11 +172,30 @@ def _grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Ten
     return scale, zero
 
 
+def _float_grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(scale, fp16 zero) of the grid spanning exactly [lo, hi]. Where that is impossible (a constant group, or a
+    zero point beyond fp16's range because the group's spread is tiny next to its offset) the range is widened to
+    contain 0, as for integer zero points."""
+    scale = ((hi - lo) / spec.maxq).clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()
+    zero = (-lo / scale).to(SCALE_DTYPE).float()
+    bad = (hi <= lo) | ~torch.isfinite(zero) | ~torch.isfinite(scale)
+    if bad.any():
+        lo0, hi0 = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        empty = (lo0 == 0) & (hi0 == 0)
+        lo0, hi0 = torch.where(empty, -1.0, lo0), torch.where(empty, 1.0, hi0)
+        scale0 = ((hi0 - lo0) / spec.maxq).clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()
+        zero0 = torch.round(-lo0 / scale0).clamp(0, spec.maxq)
+        scale, zero = torch.where(bad, scale0, scale), torch.where(bad, zero0, zero)
+    return scale, zero
+
+
 def quantize_codes(w: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> Tensor:
     """Codes (uint8, shape of `w`) of `w` on the grid (p0, p1) from find_params, broadcast against `w`."""
     w = w.float()
     if spec.is_ternary:  # p0 = lo, p1 = hi
         return torch.where(w > p1 / 2, 2, torch.where(w < p0 / 2, 1, 0)).to(torch.uint8)
+    if spec.float_zeros:  # the nearest level of (code - zero) * scale
+        return torch.round(w / p0 + p1).clamp(0, spec.maxq).to(torch.uint8)
     return (torch.round(w / p0) + p1).clamp(0, spec.maxq).to(torch.uint8)
 
 

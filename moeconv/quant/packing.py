@@ -60,6 +60,8 @@ def format_dict(spec: QuantSpec, out_features: int, in_features: int) -> dict:
     fmt = {"format": spec.format, "in_features": in_features, "out_features": out_features}
     if not spec.is_ternary:
         fmt.update(group_size=spec.group_size, symmetric=spec.symmetric)
+        if spec.float_zeros:
+            fmt["float_zeros"] = True
     return fmt
 
 
@@ -82,7 +84,9 @@ def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shar
     assert q.scales is not None
     bits = int(spec.bits)
     buffers = {"qweight": pack_bits(q.codes, bits), "scales": q.scales.to(SCALE_DTYPE)}
-    if q.zeros is not None:
+    if q.zeros is not None and spec.float_zeros:
+        buffers["zeros"] = q.zeros.to(SCALE_DTYPE)
+    elif q.zeros is not None:
         buffers["qzeros"] = pack_bits(q.zeros.to(torch.uint8), bits)
     return PackedWeight(fmt, buffers)
 
@@ -100,9 +104,12 @@ def unpack(buffers: Mapping[str, Tensor], fmt: Mapping) -> QuantizedTensor:
             raise CheckpointError(f"quantized buffer {name!r} is {got}, expected {shape} {dtype}; re-run moeconv quantize")
     name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
     if name in INT_BITS:
-        spec = QuantSpec(INT_BITS[name], int(fmt["group_size"]), bool(fmt.get("symmetric", False)))
+        spec = QuantSpec(INT_BITS[name], int(fmt["group_size"]), bool(fmt.get("symmetric", False)), bool(fmt.get("float_zeros", False)))
         scales = buffers["scales"].float()
-        zeros = None if spec.symmetric else unpack_bits(buffers["qzeros"], spec.bits, scales.shape[1]).float()
+        if spec.float_zeros:
+            zeros = buffers["zeros"].float()
+        else:
+            zeros = None if spec.symmetric else unpack_bits(buffers["qzeros"], spec.bits, scales.shape[1]).float()
         return QuantizedTensor(spec, unpack_bits(buffers["qweight"], spec.bits, cols), scales=scales, zeros=zeros)
     lo_hi = buffers["lo_hi"].float()
     if name == "ternary":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moeconv.quant.grids import ClipSearch, QuantSpec
 from moeconv.recipe import CalibrationSpec, Strict, load_yaml_recipe, parse_size
@@ -23,6 +23,7 @@ class QuantRecipe(Strict):
     bits: str = "4"
     group_size: int = 128  # input features per scale; -1 = one per row; ignored by ternary/sub1 (per row)
     symmetric: bool = False
+    float_zeros: bool = False  # intN: fp16 zero points on each group's exact range (the GGUF Q4_1 layout at group 32)
     method: Literal["gptq", "rtn"] = "gptq"
     damp: float = Field(0.01, ge=0)  # GPTQ: 0.01; QMoE uses 0.1 for ternary
     act_order: bool = False
@@ -57,10 +58,16 @@ class QuantRecipe(Strict):
         parse_size(v)
         return v
 
+    @model_validator(mode="after")
+    def _zeros(self) -> QuantRecipe:
+        if self.symmetric and self.float_zeros:
+            raise ValueError("a symmetric grid has no zero points; drop either symmetric or float_zeros")
+        return self
+
     @property
     def spec(self) -> QuantSpec:
         bits: int | str = self.bits if self.bits in ("ternary", "sub1") else int(self.bits)
-        return QuantSpec(bits, self.group_size, self.symmetric)
+        return QuantSpec(bits, self.group_size, self.symmetric, self.float_zeros)
 
     @property
     def clip(self) -> ClipSearch | None:

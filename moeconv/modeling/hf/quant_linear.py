@@ -75,7 +75,9 @@ def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
         bits, group = INT_BITS[name], int(fmt.get("group_size", -1))
         n_groups = 1 if group == -1 else cols // group
         specs = {"qweight": ((rows, packed_bytes(cols, bits)), torch.uint8), "scales": ((rows, n_groups), torch.float16)}
-        if not fmt.get("symmetric", False):
+        if fmt.get("float_zeros", False):  # fp16 zero points: w = (code - zero) * scale with a fractional zero
+            specs["zeros"] = ((rows, n_groups), torch.float16)
+        elif not fmt.get("symmetric", False):
             specs["qzeros"] = ((rows, packed_bytes(n_groups, bits)), torch.uint8)
         return specs
     if name == "ternary":
@@ -102,7 +104,9 @@ def dequantize_buffers(buffers: Mapping[str, Tensor], fmt: Mapping) -> Tensor:
     codes = unpack_bits(buffers["qweight"], bits, cols)  # [out, in]
     scales = buffers["scales"].float()  # [out, n_groups]
     n_groups = scales.shape[1]
-    if "qzeros" in buffers:
+    if "zeros" in buffers:
+        zeros = buffers["zeros"].float()  # [out, n_groups]
+    elif "qzeros" in buffers:
         zeros = unpack_bits(buffers["qzeros"], bits, n_groups).float()  # [out, n_groups]
     else:  # symmetric: the zero point is the middle code
         zeros = torch.full_like(scales, float(2 ** (bits - 1)))
