@@ -80,6 +80,23 @@ def _routing_table(results: list[EvalResult]) -> Table | None:
     return table
 
 
+def _dag_lines(results: list[EvalResult]) -> list[str]:
+    """One line per model with DAG-MoE aggregators: their parameters and measured forward-time overhead."""
+    lines = []
+    for r in results:
+        if not r.params.aggregator:
+            continue
+        moe_params = r.params.expert + r.params.aggregator  # routers and shared experts aside
+        line = (f"{short_name(r.model)}: DAG aggregators {human(r.params.aggregator)} parameters "
+                f"({r.params.aggregator / max(moe_params, 1):.2%} of the MoE layers' experts + aggregators)")
+        if r.dag_overhead is not None:
+            o = r.dag_overhead
+            line += (f"; forward {o.overhead:+.1%} vs the plain expert sum ({o.tokens} tokens, "
+                     f"median of {o.repeats}: {o.seconds_with:.3f} s vs {o.seconds_without:.3f} s, {r.device})")
+        lines.append(line)
+    return lines
+
+
 @guarded
 def eval_command(
     model: Annotated[str, typer.Argument(help="dense folder, .gguf file, moeconv checkpoint (native, exported or quantized)")],
@@ -132,3 +149,5 @@ def eval_command(
         routing = _routing_table(results)
         if routing is not None:
             stdout.print(routing)
+        for line in _dag_lines(results):
+            stdout.print(line)

@@ -15,7 +15,7 @@ from moeconv.inspect import inspect_checkpoint
 def _show(title: str, data: dict) -> None:
     table = Table(title=title, show_header=False)
     for k, v in data.items():
-        if isinstance(v, int) and k in ("parameters", "active_parameters"):
+        if isinstance(v, int) and k in ("parameters", "active_parameters", "aggregator_parameters"):
             v = f"{v:,} ({v / 1e6:.2f}M)"
         elif k == "bytes_on_disk":
             v = f"{v / 2**20:.1f} MiB"

@@ -56,6 +56,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "experts": moe["num_experts"], "top_k": moe["top_k"], "expert_size": moe["expert_size"],
             "shared_size": moe.get("shared_size", 0), "scoring": moe.get("scoring"),
             "dag": moe.get("dag"), "parameters": counts.total, "active_parameters": counts.active,
+            "aggregator_parameters": counts.aggregator,
             "dtype": config.get("dtype"), "quantization": quantization_summary(moe.get("quant"), files),
             "bytes_on_disk": _size_on_disk(p)}
 

@@ -22,7 +22,8 @@ def test_convert_with_dag(tmp_path):
     recipe = {"experts": 6, "top_k": 2, "calibration": {"source": str(text), "tokens": 2048, "seqlen": 64},
               "router": {"steps": 50}, "dag": {"d_g": 8, "rounds": 2, "train": {"steps": 60}}}
     out = tmp_path / "moe"
-    convert(str(src), out, load_recipe(None, recipe))
+    # Without the refit: on this tiny random model a refitted MoE leaves the aggregator nothing to win back.
+    convert(str(src), out, load_recipe(None, recipe).model_copy(update={"refit": None}))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["moe"]["dag"] == {"d_g": 8, "rounds": 2, "stabilize": True}
     layers = json.loads((out / "provenance.json").read_text())["layers"]
@@ -72,3 +73,24 @@ def test_dag_command_adds_aggregator(tmp_path):
     dense = runner.invoke(app, ["dag", str(src), str(tmp_path / "dag3"), *common])
     assert dense.exit_code == 2 and "dense checkpoint" in dense.output
     assert not (tmp_path / "dag2").exists() and not (tmp_path / "dag3").exists()
+
+    # inspect counts the aggregators; eval times the model with and without them and leaves it unchanged
+    from moeconv.eval.overhead import measure_dag_overhead
+    from moeconv.inspect import inspect_checkpoint
+
+    expected = sum(p.numel() for layer in model.model.layers for p in layer.mlp.dag.parameters())
+    assert inspect_checkpoint(tmp_path / "dag")["aggregator_parameters"] == expected > 0
+    assert inspect_checkpoint(moe)["aggregator_parameters"] == 0
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        overhead = measure_dag_overhead(model, ids, repeats=2)
+        after = model(ids).logits
+    assert torch.equal(before, after) and all(layer.mlp.dag is not None for layer in model.model.layers)
+    assert overhead.tokens == 16 and overhead.repeats == 2 and overhead.seconds_with > 0 and overhead.seconds_without > 0
+    assert measure_dag_overhead(load_model(moe, device="cpu"), ids) is None
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "dag"), "--data", str(text), "--seqlen", "32", "--max-tokens", "96",
+                                    "--json", "-"])
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads(evaluated.stdout)["results"][0]
+    assert result["params"]["aggregator"] == expected and result["dag_overhead"]["seconds_with"] > 0

@@ -17,6 +17,7 @@ from torch import nn
 from moeconv.calib.sources import load_text
 from moeconv.calib.tokenize import Windows, cut_windows, tokenize_source, tokens_fingerprint
 from moeconv.errors import MoeconvError
+from moeconv.eval.overhead import DagOverhead, measure_dag_overhead
 from moeconv.eval.stats import LayerRouting, ParameterCounts, RoutingRecorder, bytes_on_disk, count_parameters
 from moeconv.io.load import load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -44,6 +45,7 @@ class EvalSettings(BaseModel):
     device: str = "auto"
     tokenizer: str | None = None
     trust_remote_code: bool = False
+    dag_overhead: bool = True  # time one window with and without DAG-MoE aggregators (only models that have them)
 
 
 class PerplexityResult(BaseModel):
@@ -81,6 +83,7 @@ class EvalResult(BaseModel):
     params: ParameterCounts
     bytes_on_disk: int | None
     routing: list[LayerRouting] = []
+    dag_overhead: DagOverhead | None = None  # measured for models with DAG-MoE aggregators
     lm_eval: dict | None = None
 
 
@@ -214,6 +217,7 @@ def evaluate_model(
     tick = (lambda done, total: progress("eval", done, total)) if progress else None
     recorder = RoutingRecorder(model)
     result = evaluate_perplexity(model, windows, batch_size, settings.loss_chunk, tick, recorder)
+    overhead = measure_dag_overhead(model, windows.ids[:1]) if settings.dag_overhead else None
     harness = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size) if lm_eval_tasks else None
     return EvalResult(
         model=model_path,
@@ -232,6 +236,7 @@ def evaluate_model(
         params=count_parameters(model),
         bytes_on_disk=bytes_on_disk(model_path),
         routing=recorder.layers(),
+        dag_overhead=overhead,
         lm_eval=harness,
     )
 

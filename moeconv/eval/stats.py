@@ -29,6 +29,7 @@ class ParameterCounts(BaseModel):
     active: int
     embedding: int  # input embeddings, plus lm_head when it is not tied to them
     expert: int  # all routed experts' parameters
+    aggregator: int = 0  # DAG-MoE aggregators (always active)
     moe_layers: int
     num_experts: int | None = None  # of the first MoE layer
     top_k: int | None = None
@@ -119,8 +120,10 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         if isinstance(module, nn.Module):
             embedding += _numel(module, seen)
     layers = find_moe_layers(model)
-    expert_total, inactive = 0, 0
+    expert_total, inactive, aggregator = 0, 0, 0
     for layer in layers:
+        dag = getattr(layer.block, "dag", None)
+        aggregator += _numel(dag, set()) if isinstance(dag, nn.Module) else 0
         experts = _numel(layer.experts, set())
         expert_total += experts
         inactive += experts - experts * layer.top_k // layer.num_experts  # all experts are the same size
@@ -129,6 +132,7 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         active=total - inactive,
         embedding=embedding,
         expert=expert_total,
+        aggregator=aggregator,
         moe_layers=len(layers),
         num_experts=layers[0].num_experts if layers else None,
         top_k=layers[0].top_k if layers else None,
