@@ -56,9 +56,11 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-# Per-layer metrics shown when a layer is done: FFN output error vs dense (before and after the refit), router
-# recall vs the oracle, load balance.
-LAYER_METRICS = (("rel_error", "err"), ("refit_error_after", "refit err"), ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
+# Per-layer metrics shown when a layer is done: FFN output error vs dense with the trained router (held-out
+# calibration rows), the refit's error before -> after on its own held-out windows, router recall vs the oracle,
+# load balance.
+LAYER_METRICS = (("rel_error", "err"), ("refit_error_before", "refit"), ("refit_error_after", "->"),
+                 ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
 
 
 @contextmanager

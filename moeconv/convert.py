@@ -121,7 +121,8 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     d = layout.d_model
     shard_bytes = max(sum(unit_bytes[u] for u in s) for s in shards)
     d_ff = adapter.d_ff(reader.config)
-    refit_bytes = 2 * d_ff * (d_ff + d) * 8 if recipe.refits and calib else 0  # train + held normal equations
+    # normal equations, the Cholesky factor and the held-out rows (float64 N x N twice, N x d, T/10 x (N + d) float32)
+    refit_bytes = (2 * d_ff * d_ff + d_ff * d) * 8 + calib // 10 * (d_ff + d) * 4 if recipe.refits and calib else 0
     peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0] + refit_bytes
     stages = [f"partition ({recipe.partition.method})"]
     if calib:

@@ -91,8 +91,9 @@ def _down_weight(down: nn.Module, adapter: FamilyAdapter) -> torch.Tensor:
 def _refit_kept(model: nn.Module, adapter: FamilyAdapter, keeps: list[torch.Tensor], windows: torch.Tensor,
                 config: RefitConfig, batch: int) -> list[tuple[torch.Tensor, dict[str, float]]]:
     """Least-squares refit of each layer's down projection on its kept neurons, to reproduce the full FFN
-    output on calibration windows (the last holdout_fraction of them judge the fit). Memory: two
-    keep x keep float64 Gram matrices per layer.  -> per layer (down [d, keep], metrics)"""
+    output on calibration windows (the last holdout_fraction of them judge the fit). One forward pass fills
+    every layer's normal equations at once: memory 2 x layers x (keep² + keep·d) float64 numbers (70 MB for
+    SmolLM2 at keep 768; tens of GB for a 7B model).  -> per layer (down [d, keep], metrics)"""
     downs = [getattr(_ffn(model, adapter, i), adapter.down) for i in range(len(keeps))]
     d = _down_weight(downs[0], adapter).shape[0]
     stats = {part: [NormalEquations(k.numel(), d) for k in keeps] for part in ("train", "held")}

@@ -365,7 +365,8 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
     spec = recipe.spec
     moe["quant"] = {
         "method": recipe.method,
-        "default": {"format": spec.format, "group_size": spec.group_size, "symmetric": spec.symmetric},
+        "default": {"format": spec.format, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                    "float_zeros": spec.float_zeros},
         "modules": {n: t["format"] for m in metrics.values() for n, t in m["tensors"].items()},
         "sub1_dictionary": SUB1_DICTIONARY_KEY if recipe.bits == "sub1" else None,
     }

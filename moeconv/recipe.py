@@ -53,6 +53,12 @@ class ConvertRecipe(Strict):
         parse_size(v)
         return v
 
+    @field_validator("refit", mode="before")
+    @classmethod
+    def _refit_switch(cls, v: Any) -> Any:
+        """`refit: false` turns the stage off, `refit: true` keeps its defaults."""
+        return (RefitConfig() if v else None) if isinstance(v, bool) else v
+
     @field_validator("dag")
     @classmethod
     def _dag(cls, v: dict | None) -> dict | None:

@@ -34,7 +34,7 @@ class RefitConfig(BaseModel):
     damp: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], min_length=1,
                               description="ridge strengths towards the dense weights (fractions of the mean Gram "
                                           "diagonal); the one with the lowest held-out error is used")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="calibration windows (the last ones) kept out of the fit to judge it")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="calibration tokens kept out of the fit to judge it: the last ones, i.e. the last windows")
     chunk: int = Field(4096, ge=1, description="tokens per accumulation chunk (bounds memory)")
 
     @field_validator("damp", mode="before")
@@ -86,19 +86,41 @@ class NormalEquations:
     def solve(self, w0: Tensor, damp: float) -> Tensor:
         """argmin ||Y - X Wᵀ||² + λ||W - W0||², λ = damp · mean diag(XᵀX).  w0 [d, N] -> [d, N]"""
         lam = damp * float(self.gram.diagonal().mean().clamp_min(1e-30))
-        gram = self.gram + lam * torch.eye(self.gram.shape[0], dtype=torch.float64)
-        return torch.linalg.solve(gram, self.cross + lam * w0.T.double()).T.to(w0.dtype)
+        diagonal = self.gram.diagonal().clone()
+        try:  # the damped Gram matrix is symmetric positive definite: one Cholesky, no copy besides the factor
+            self.gram.diagonal().add_(lam)
+            factor = torch.linalg.cholesky(self.gram)
+        finally:
+            self.gram.diagonal().copy_(diagonal)
+        return torch.cholesky_solve(self.cross + lam * w0.T.double(), factor).T.to(w0.dtype)
 
 
-def refit_with_holdout(train: NormalEquations, held: NormalEquations, w0: Tensor, damps: list[float]) -> tuple[Tensor, dict[str, float]]:
+class HeldOut:
+    """Held-out rows kept as they are (float32): their error for a candidate W costs T_held·N·d, not N²·d."""
+
+    def __init__(self):
+        self.x: list[Tensor] = []
+        self.y: list[Tensor] = []
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        self.x.append(x.float().cpu())
+        self.y.append(y.float().cpu())
+
+    def relative_error(self, w: Tensor) -> float:
+        x, y = torch.cat(self.x), torch.cat(self.y)  # [T_held, N], [T_held, d]
+        return float((y - x @ w.float().T).norm() / y.norm().clamp_min(1e-30))
+
+
+def refit_with_holdout(train: NormalEquations, held: HeldOut | NormalEquations, w0: Tensor, damps: list[float]
+                       ) -> tuple[Tensor, dict[str, float]]:
     """The refit (fitted on `train`) with the damp that gives the lowest error on `held`, or w0 when none
-    lowers it, and its metrics."""
+    lowers it by more than rounding noise, and its metrics."""
     before = held.relative_error(w0)
     best, best_error, best_damp = w0, before, 0.0
     for damp in damps:
         fitted = train.solve(w0, damp)
         error = held.relative_error(fitted)
-        if error < best_error:
+        if error < best_error * (1 - 1e-6):
             best, best_error, best_damp = fitted, error, damp
     # refit_error_after is the error of the weights actually used: a discarded refit leaves it unchanged.
     metrics = {"refit_error_before": before, "refit_error_after": best_error, "refit_kept": float(best is not w0),
@@ -118,13 +140,13 @@ def refit_down(ffn: DenseFFN, order: Tensor, gates_fn, x: Tensor, config: RefitC
     held = max(1, int(round(total * config.holdout_fraction)))
     if held >= total:
         raise RecipeError(f"refit needs at least 2 calibration tokens, got {total}; capture more tokens")
-    # The last tokens judge the fit: calibration rows come window by window, so this holds out whole
-    # windows. Tokens drawn at random would share windows (and so context) with the fitted ones, and
-    # approve a refit that overfits a small budget.
+    # The last tokens judge the fit: calibration rows come window by window, so these are the last windows
+    # (the first of them possibly in part). Tokens drawn at random would share windows (and so context)
+    # with the fitted ones, and approve a refit that overfits a small budget.
     split = total - held
     sub = ffn.to(torch.float32).select(order)  # neurons in block order, no output bias
     w0 = sub.down  # [d, N]
-    stats = {"train": NormalEquations(*w0.shape[::-1]), "held": NormalEquations(*w0.shape[::-1])}
+    stats = {"train": NormalEquations(*w0.shape[::-1]), "held": HeldOut()}
     for part, rows in (("train", torch.arange(split)), ("held", torch.arange(split, total))):
         for chunk in rows.split(config.chunk):
             h = sub.intermediate(x[chunk])  # [t, N]

@@ -94,3 +94,7 @@ def test_dag_command_adds_aggregator(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads(evaluated.stdout)["results"][0]
     assert result["params"]["aggregator"] == expected and result["dag_overhead"]["seconds_with"] > 0
+    from moeconv.eval.perplexity import EvalResult
+
+    reloaded = EvalResult.model_validate(result)  # saved results (for --compare) load back, derived ratio included
+    assert reloaded.dag_overhead.overhead == pytest.approx(result["dag_overhead"]["overhead"])

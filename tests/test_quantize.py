@@ -122,14 +122,18 @@ def test_round_trip_load_model_and_standalone(sources, tmp_path, source, bits):
         assert all(int(bits) + 2 + int(bits) / 8 <= t["bits_per_weight"] <= int(bits) + 2 + 1.5 for t in per_tensor)
 
 
-def test_rtn_matches_tensor_level_rtn(sources, tmp_path):
+@pytest.mark.parametrize("float_zeros", [False, True])
+def test_rtn_matches_tensor_level_rtn(sources, tmp_path, float_zeros):
     out = tmp_path / "rtn"
-    quantize(str(sources["llama"]), out, _recipe(sources, bits="4", method="rtn"))
+    quantize(str(sources["llama"]), out, _recipe(sources, bits="4", method="rtn", float_zeros=float_zeros))
     dense = AutoModelForCausalLM.from_pretrained(sources["llama"], dtype=torch.float32)
     model = _reference(sources["llama"], out)
-    for name in json.loads((out / "config.json").read_text())["moe"]["quant"]["modules"]:
+    quant = json.loads((out / "config.json").read_text())["moe"]["quant"]
+    assert quant["default"]["float_zeros"] == float_zeros
+    for name in quant["modules"]:
         w = dense.get_submodule(name).weight.detach()
-        assert torch.equal(model.get_submodule(name).weight, dequantize(quantize_rtn(w, QuantSpec(4, 8)))), name
+        expected = dequantize(quantize_rtn(w, QuantSpec(4, 8, float_zeros=float_zeros)))
+        assert torch.equal(model.get_submodule(name).weight, expected), name
 
 
 def test_gptq_beats_rtn_end_to_end(sources, tmp_path):
@@ -191,7 +195,9 @@ def test_bad_inputs_raise_one_line_errors(sources, tmp_path):
 
 def test_cli_errors_are_one_line(sources, tmp_path):
     cmd = [sys.executable, "-m", "moeconv.cli.app", "quantize", str(sources["llama"]), str(tmp_path / "x"), "--method", "rtn"]
-    for extra, needle in ((["--bits", "5"], "unsupported width"), (["--bits", "4", "--group-size", "7"], "does not divide")):
+    for extra, needle in ((["--bits", "5"], "unsupported width"), (["--bits", "4", "--group-size", "7"], "does not divide"),
+                          (["--bits", "4", "--symmetric", "--float-zeros"], "symmetric grid has no zero points"),
+                          (["--bits", "ternary", "--float-zeros"], "ternary grids have no zero points")):
         result = subprocess.run(cmd + extra, capture_output=True, text=True)
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
     result = subprocess.run(cmd + ["--bits", "4", "--group-size", "8", "--json"], capture_output=True, text=True, check=True)

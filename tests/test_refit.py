@@ -151,6 +151,12 @@ def test_prune_with_refit_reproduces_the_dense_ffn_better(family, path, tmp_path
         assert metrics["refit_error_after"] <= metrics["refit_error_before"]
 
 
+def test_refit_switches_in_a_recipe():
+    assert load_recipe(None, {"refit": False}).refit is None
+    assert load_recipe(None, {"refit": True}).refit == RefitConfig()
+    assert load_recipe(None, {"refit": {"damp": 0.2}}).refit.damp == [0.2]
+
+
 @pytest.mark.parametrize("block,match", [({"damp": 0}, "refit.damp"), ({"dampening": 1}, "unknown field 'refit.dampening'")])
 def test_bad_refit_block_is_a_recipe_error(block, match):
     with pytest.raises(RecipeError, match=match):

@@ -6,7 +6,7 @@ import statistics
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field, model_validator
 from torch import nn
 
 from moeconv.eval.stats import find_moe_layers
@@ -22,6 +22,13 @@ class DagOverhead(BaseModel):
     seconds_with: float
     seconds_without: float
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data):
+        """Saved results carry the derived `overhead`; it is recomputed, not read back."""
+        return {k: v for k, v in data.items() if k != "overhead"} if isinstance(data, dict) else data
+
+    @computed_field
     @property
     def overhead(self) -> float:
         """Relative extra forward time: 0.05 = 5% slower with the aggregators."""

@@ -139,8 +139,9 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
         return best
     weight = None if col_weight is None else col_weight.float()
     best_err = None
+    mid = (lo + hi) / 2 if spec.float_zeros else torch.zeros_like(lo)  # exact ranges shrink about their middle
     for factor in clip.factors:  # a loop over ~25 candidates keeps memory at one group's size
-        scale, zero = _grid_of_range(lo * factor, hi * factor, spec)
+        scale, zero = _grid_of_range(mid + (lo - mid) * factor, mid + (hi - mid) * factor, spec)
         deq = dequantize_codes(quantize_codes(w, scale[..., None], zero[..., None], spec), scale[..., None], zero[..., None], spec)
         sq = (deq - w).square_()  # [..., rows, k]
         err = (sq if weight is None else sq * weight).sum(dim=-1)  # [..., rows]

@@ -60,8 +60,10 @@ class QuantRecipe(Strict):
 
     @model_validator(mode="after")
     def _zeros(self) -> QuantRecipe:
-        if self.symmetric and self.float_zeros:
-            raise ValueError("a symmetric grid has no zero points; drop either symmetric or float_zeros")
+        if self.float_zeros and self.symmetric:
+            raise ValueError("float_zeros: a symmetric grid has no zero points; drop --symmetric or --float-zeros")
+        if self.float_zeros and self.bits in ("ternary", "sub1"):
+            raise ValueError(f"float_zeros: {self.bits} grids have no zero points (per-row lo/hi); drop --float-zeros")
         return self
 
     @property
