@@ -10,7 +10,7 @@ from moeconv.quant.recipe import load_quant_recipe
 from moeconv.recipe import load_recipe
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-QUANT = {"gptq-int4.yaml", "qmoe-ternary.yaml"}
+QUANT = {"gptq-int4.yaml", "gptq-int4-q4_1.yaml", "qmoe-ternary.yaml"}
 
 
 def test_configs_folder_is_not_empty():
@@ -20,9 +20,13 @@ def test_configs_folder_is_not_empty():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_recipe_loads(path: Path):
     if path.name in QUANT:
-        load_quant_recipe(path)
+        recipe = load_quant_recipe(path)
+        if path.name == "gptq-int4-q4_1.yaml":
+            assert recipe.spec.float_zeros and recipe.group_size == 32
     else:
         recipe = load_recipe(path)
         assert 1 <= recipe.top_k <= recipe.experts
         if path.name == "dot-moe-heal.yaml":
             assert recipe.heal is not None and recipe.heal.tokens == 32768
+        if path.name.startswith("dot-moe"):
+            assert recipe.refits
