@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 
+from quality import real_model
+
 from moeconv.io.readers import open_checkpoint
 from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
-from quality import real_model
 
 
 def main() -> None:
