@@ -23,6 +23,8 @@ def dag_command(
     calib: Annotated[str, typer.Option(help="calibration text")] = "shakespeare",
     calib_tokens: Annotated[int, typer.Option()] = 16384,
     seqlen: Annotated[int, typer.Option()] = 512,
+    teacher: Annotated[str | None, typer.Option(help="the dense model SRC was converted from (default: the source in "
+                                                   "provenance.json; needed for refitted checkpoints)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
     force: Annotated[bool, typer.Option(help="replace OUT, or an aggregator SRC already has")] = False,
@@ -38,7 +40,7 @@ def dag_command(
     calibration = CalibrationSpec(source=calib, tokens=calib_tokens, seqlen=seqlen)
     dag = {"d_g": d_g, "rounds": rounds, "train": {"steps": steps}}
     with layer_progress(enabled=not (quiet or json_out)) as progress:
-        metrics = add_dag(src, out, dag, calibration, seed=seed, force=force, resume=resume, device=resolve_device(device),
+        metrics = add_dag(src, out, dag, calibration, seed=seed, force=force, resume=resume, device=resolve_device(device), teacher=teacher,
                           progress=lambda stage, layer, layers: progress(ProgressEvent(stage, layer, layers)))
     if json_out:
         emit_json({"out": str(out), "layers": metrics})

@@ -317,6 +317,17 @@ def test_distillation_keeps_experts_and_router_unless_asked() -> None:
     assert metrics["rel_error_after"] < metrics["rel_error_before"]
 
 
+def test_an_aggregator_that_does_not_help_is_left_neutral() -> None:
+    block, x, _ = distill_problem(7)
+    with torch.no_grad():
+        plain = block(x)  # the target is the plain MoE itself: the aggregator can only make the held-out error worse
+    metrics = distill_dag(block, x, plain, DagConfig(d_g=8, train=FAST), torch.Generator().manual_seed(1))
+    assert metrics["dag_kept"] == 0.0 and metrics["rel_error_after"] == metrics["rel_error_before"]
+    assert all(not bool(r.up_weight.any()) for r in block.dag.rounds)  # W_up back to zero
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain, rtol=0, atol=1e-6)
+
+
 def test_distillation_returns_a_bfloat16_block_in_bfloat16() -> None:
     block, x, y = distill_problem(7)
     block.to(torch.bfloat16)

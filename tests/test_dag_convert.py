@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,7 +67,26 @@ def test_dag_command_adds_aggregator(tmp_path):
     model = load_model(tmp_path / "dag", device="cpu")
     assert all(layer.mlp.dag is not None for layer in model.model.layers)
     layers = json.loads((tmp_path / "dag" / "provenance.json").read_text())["dag"]["layers"]
-    assert all(m["rel_error_after"] < m["rel_error_before"] for m in layers.values())
+    # Kept only where it lowers the held-out error; elsewhere the aggregator is left exactly neutral.
+    assert all(m["rel_error_after"] <= m["rel_error_before"] for m in layers.values())
+    assert all(m["dag_kept"] == float(m["rel_error_after"] < m["rel_error_before"]) for m in layers.values())
+
+    # The refit (on by default) re-solved the down projections for top-k routing, so the experts no longer sum to
+    # the dense FFN: the targets come from the dense source recorded in provenance.json, or --teacher.
+    from moeconv.dag.add import _dense_ffns
+
+    moe_config = json.loads((moe / "config.json").read_text())["moe"]
+    dense_ffn = _dense_ffns(moe, None, moe_config)
+    assert dense_ffn is not None and dense_ffn(0).d_ff == 72
+    moved = tmp_path / "moved"
+    shutil.copytree(moe, moved)
+    provenance = json.loads((moved / "provenance.json").read_text())
+    provenance["source"] = str(tmp_path / "gone")
+    (moved / "provenance.json").write_text(json.dumps(provenance))
+    missing = runner.invoke(app, ["dag", str(moved), str(tmp_path / "dag4"), *common])
+    assert missing.exit_code == 2 and "pass --teacher" in missing.output and not (tmp_path / "dag4").exists()
+    with_teacher = runner.invoke(app, ["dag", str(moved), str(tmp_path / "dag4"), "--teacher", str(src), *common])
+    assert with_teacher.exit_code == 0, with_teacher.output
 
     again = runner.invoke(app, ["dag", str(tmp_path / "dag"), str(tmp_path / "dag2"), *common])
     assert again.exit_code == 2 and "already has a DAG aggregator" in again.output

@@ -16,7 +16,10 @@ from moeconv.calib.sources import load_text
 from moeconv.convert import HF_FILES
 from moeconv.dag.distill import DagConfig, distill_dag
 from moeconv.errors import MoeconvError
+from moeconv.ffn import DenseFFN
+from moeconv.io.adapters import adapter_for
 from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
+from moeconv.io.readers import open_checkpoint
 from moeconv.io.writer import PartialOutput
 from moeconv.recipe import CalibrationSpec
 
@@ -37,6 +40,28 @@ def _check_source(src: Path, force: bool) -> dict:
     return config
 
 
+def _dense_ffns(src: Path, teacher: str | None, moe: dict) -> Callable[[int], DenseFFN] | None:
+    """Decoder layer -> the dense FFN whose output the aggregator should reproduce, or None when every expert
+    summed is that FFN. A refitted checkpoint's experts no longer sum to the dense FFN (their down projections
+    were re-solved for top-k routing), so its targets come from the dense source: `teacher`, or the source
+    recorded in provenance.json."""
+    provenance = json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").is_file() else {}
+    refitted = any(m.get("refit_kept") for m in provenance.get("layers", {}).values())
+    if teacher is None and not refitted:
+        return None
+    teacher = teacher or provenance.get("source")
+    if not teacher or not Path(teacher).exists():
+        raise MoeconvError(f"{src}'s down projections were refitted, so its experts no longer sum to the dense FFN; "
+                           f"pass --teacher with the dense model it was converted from (recorded source {teacher!r} is not there)")
+    reader = open_checkpoint(teacher)
+    adapter = adapter_for(reader.config)
+    d_ff = adapter.d_ff(reader.config)
+    if d_ff != moe["num_experts"] * moe["expert_size"] + moe.get("shared_size", 0):
+        raise MoeconvError(f"teacher {teacher} has FFN width {d_ff}, which is not the one {src} was converted from; "
+                           "pass the dense source of this checkpoint")
+    return lambda i: adapter.read_ffn(reader.get, i, reader.config).to(torch.float32)
+
+
 def _capture_inputs(model: torch.nn.Module, blocks: list, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
     """Inputs of every MoE block over the calibration windows (the checkpoint's own forward).  [T, d] each"""
     captured: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -53,17 +78,22 @@ def _capture_inputs(model: torch.nn.Module, blocks: list, windows: torch.Tensor,
 
 
 def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: CalibrationSpec, *, seed: int = 0, force: bool = False,
-            resume: bool = False, device: torch.device = torch.device("cpu"),
+            resume: bool = False, device: torch.device = torch.device("cpu"), teacher: str | None = None,
             progress: Callable[[str, int | None, int], None] = lambda stage, layer, layers: None) -> dict:
-    """Write SRC plus a distilled aggregator per MoE layer to OUT.  Returns per-layer metrics."""
+    """Write SRC plus a distilled aggregator per MoE layer to OUT.  Returns per-layer metrics.
+
+    Each aggregator is distilled to the dense FFN's output: every expert summed, or, for refitted checkpoints
+    (or when `teacher` is given), the teacher's FFN on the same inputs."""
     src, out = Path(src), Path(out)
     config = _check_source(src, force=force or resume)
     settings = DagConfig(**dag)
     moe = config["moe"]
+    dense_ffn = _dense_ffns(src, teacher, moe)
     progress("tokenizing calibration text", None, 0)
     text = load_text(calibration.source, calibration.text_field)
     windows = tokenize_windows(load_tokenizer(src), text, calibration.tokens, calibration.seqlen)
     blob = json.dumps({"src": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")), "dag": settings.model_dump(),
+                       "teacher": teacher,
                        "calib": [text.fingerprint, windows.numel()], "seed": seed}, sort_keys=True)
     partial = PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force)
     model = load_model(src, dtype="float32", device=str(device))
@@ -74,10 +104,13 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     for n, (i, block, x) in enumerate(zip(moe["layers"], blocks, inputs, strict=True)):
         progress("dag", n, len(blocks))
         block.dag = None
-        with torch.no_grad():  # the dense FFN's output is every expert summed (scoring "none")
-            top_k, block.top_k = block.top_k, block.num_experts
-            target = block(x.to(device))
-            block.top_k = top_k
+        with torch.no_grad():
+            if dense_ffn is not None:
+                target = dense_ffn(i).to(device).forward(x.to(device))
+            else:  # without a refit, every expert summed is the dense FFN (scoring "none")
+                top_k, block.top_k = block.top_k, block.num_experts
+                target = block(x.to(device))
+                block.top_k = top_k
         metrics[str(i)] = distill_dag(block, x.to(device), target, settings, torch.Generator().manual_seed(seed * 100003 + i))
         prefix = moe["ffn_path"].format(i=i)
         new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}

@@ -128,7 +128,10 @@ def distill_dag(
     aggregator is trained, plus the router when config.train_router. The block is trained in float32
     and returned to its dtype. Deterministic for a given generator state (and thread count).
 
-    Metrics: rel_error_before / rel_error_after (held-out ‖block(x) − y‖ / ‖y‖), train_rel_error_after,
+    An aggregator (and router) that does not lower the held-out error is put back to its initial, exactly
+    neutral state: the block then computes the plain MoE sum (dag_kept 0).
+
+    Metrics: rel_error_before / rel_error_after (held-out ‖block(x) − y‖ / ‖y‖), dag_kept, train_rel_error_after,
     train_loss (last step), train_tokens, holdout_tokens, dag_params, dag_param_fraction (of the rest of the block).
     """
     shape, train = (config, config.train) if isinstance(config, DagConfig) else (DagConfig(train=config), config)
@@ -150,10 +153,12 @@ def distill_dag(
 
 
 def split_rows(total: int, config: DagTrainConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Disjoint (held-out, training) row indices, at least one of each."""
+    """Disjoint (held-out, training) row indices, at least one of each. Captured rows come window by window, so the
+    held-out rows are the last ones (whole windows, not tokens that share context with training rows); training
+    rows are drawn from the rest."""
     holdout = min(config.max_holdout, max(1, round(total * config.holdout_fraction)), total - 1)
-    order = torch.randperm(total, generator=generator)
-    return order[:holdout].sort().values, order[holdout : holdout + config.max_tokens].sort().values
+    order = torch.randperm(total - holdout, generator=generator)
+    return torch.arange(total - holdout, total), order[: config.max_tokens].sort().values
 
 
 def train_in_float32(
@@ -178,6 +183,7 @@ def train_in_float32(
     if config.train_router:
         groups.append({"params": list(block.router.parameters()), "lr": config.router_lr, "peak": config.router_lr})
     trained = [p for g in groups for p in g["params"]]
+    initial = [p.detach().clone() for p in trained]  # W_up = 0: exactly the plain MoE
     for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -204,10 +210,18 @@ def train_in_float32(
         last_loss = float(loss.detach())
     for p in trained:
         p.requires_grad_(False)
+    rel_after = relative_error(block_output(block, x_held), y_held)
+    kept = rel_after < rel_before
+    if not kept:
+        with torch.no_grad():
+            for p, start in zip(trained, initial, strict=True):
+                p.copy_(start)
+        rel_after = relative_error(block_output(block, x_held), y_held)
 
     metrics = {
         "rel_error_before": rel_before,
-        "rel_error_after": relative_error(block_output(block, x_held), y_held),
+        "rel_error_after": rel_after,
+        "dag_kept": float(kept),
         "train_rel_error_after": relative_error(block_output(block, x_train[:EVAL_CHUNK]), y_train[:EVAL_CHUNK]),
         "train_loss": last_loss,
         "train_tokens": float(x_train.shape[0]),
