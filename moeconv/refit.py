@@ -118,7 +118,10 @@ def refit_with_holdout(train: NormalEquations, held: HeldOut | NormalEquations, 
     before = held.relative_error(w0)
     best, best_error, best_damp = w0, before, 0.0
     for damp in damps:
-        fitted = train.solve(w0, damp)
+        try:
+            fitted = train.solve(w0, damp)
+        except torch.linalg.LinAlgError:  # numerically singular at this damp (e.g. dead neurons): try the next
+            continue
         error = held.relative_error(fitted)
         if error < best_error * (1 - 1e-6):
             best, best_error, best_damp = fitted, error, damp
