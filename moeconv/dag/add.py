@@ -49,6 +49,8 @@ def _dense_ffns(src: Path, teacher: str | None, moe: dict) -> Callable[[int], De
     refitted = any(m.get("refit_kept") for m in provenance.get("layers", {}).values())
     if teacher is None and not refitted:
         return None
+    if teacher is not None and not Path(teacher).exists():
+        raise MoeconvError(f"teacher {teacher} does not exist; pass the dense model folder or .gguf {src} was converted from")
     teacher = teacher or provenance.get("source")
     if not teacher or not Path(teacher).exists():
         raise MoeconvError(f"{src}'s down projections were refitted, so its experts no longer sum to the dense FFN; "
