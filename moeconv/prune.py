@@ -10,7 +10,7 @@ from torch import nn
 
 from moeconv.errors import MoeconvError, RecipeError
 from moeconv.io.adapters import FamilyAdapter, adapter_for
-from moeconv.refit import NormalEquations, RefitConfig, refit_with_holdout
+from moeconv.refit import HeldOut, NormalEquations, RefitConfig, refit_with_holdout
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def _refit_kept(model: nn.Module, adapter: FamilyAdapter, keeps: list[torch.Tens
                 config: RefitConfig, batch: int) -> list[tuple[torch.Tensor, dict[str, float]]]:
     """Least-squares refit of each layer's down projection on its kept neurons, to reproduce the full FFN
     output on calibration windows (the last holdout_fraction of them judge the fit). One forward pass fills
-    every layer's normal equations at once: memory 2 x layers x (keep² + keep·d) float64 numbers (70 MB for
-    SmolLM2 at keep 768; tens of GB for a 7B model).  -> per layer (down [d, keep], metrics)"""
+    every layer's normal equations at once: memory layers x (keep² + keep·d) float64 numbers (35 MB for SmolLM2 at
+    keep 768; over 10 GB for a 7B model), plus the held-out rows.  -> per layer (down [d, keep], metrics)"""
     downs = [getattr(_ffn(model, adapter, i), adapter.down) for i in range(len(keeps))]
     d = _down_weight(downs[0], adapter).shape[0]
-    stats = {part: [NormalEquations(k.numel(), d) for k in keeps] for part in ("train", "held")}
+    stats = {"train": [NormalEquations(k.numel(), d) for k in keeps], "held": [HeldOut() for _ in keeps]}
     part = ["train"]
 
     def hook(i: int):

@@ -63,25 +63,17 @@ def neuron_gates(ids: Tensor, weights: Tensor, expert_size: int, num_experts: in
 
 
 class NormalEquations:
-    """Running XᵀX, XᵀY and ||Y||² (float64) of a least-squares problem Y ≈ X Wᵀ, fed in token chunks."""
+    """Running XᵀX and XᵀY (float64) of a least-squares problem Y ≈ X Wᵀ, fed in token chunks."""
 
     def __init__(self, inputs: int, outputs: int):
         self.gram = torch.zeros(inputs, inputs, dtype=torch.float64)
         self.cross = torch.zeros(inputs, outputs, dtype=torch.float64)
-        self.energy = 0.0
 
     def add(self, x: Tensor, y: Tensor) -> None:
         """x [t, N] (masked activations), y [t, d] (targets)."""
         x, y = x.double().cpu(), y.double().cpu()
         self.gram += x.T @ x
         self.cross += x.T @ y
-        self.energy += float(y.square().sum())
-
-    def relative_error(self, w: Tensor) -> float:
-        """||Y - X Wᵀ|| / ||Y|| for w [d, N], from the accumulated sums alone."""
-        w = w.double()
-        residual = self.energy - 2 * float((w * self.cross.T).sum()) + float(((w @ self.gram) * w).sum())
-        return max(residual, 0.0) ** 0.5 / max(self.energy, 1e-30) ** 0.5
 
     def solve(self, w0: Tensor, damp: float) -> Tensor:
         """argmin ||Y - X Wᵀ||² + λ||W - W0||², λ = damp · mean diag(XᵀX).  w0 [d, N] -> [d, N]"""
@@ -111,7 +103,7 @@ class HeldOut:
         return float((y - x @ w.float().T).norm() / y.norm().clamp_min(1e-30))
 
 
-def refit_with_holdout(train: NormalEquations, held: HeldOut | NormalEquations, w0: Tensor, damps: list[float]
+def refit_with_holdout(train: NormalEquations, held: HeldOut, w0: Tensor, damps: list[float]
                        ) -> tuple[Tensor, dict[str, float]]:
     """The refit (fitted on `train`) with the damp that gives the lowest error on `held`, or w0 when none
     lowers it by more than rounding noise, and its metrics."""

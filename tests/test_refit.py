@@ -15,7 +15,7 @@ from moeconv.io.load import load_model
 from moeconv.modeling.hf.moe_block import route
 from moeconv.prune import prune_ffn_to_active
 from moeconv.recipe import load_recipe
-from moeconv.refit import NormalEquations, RefitConfig, neuron_gates, refit_down, refit_with_holdout
+from moeconv.refit import HeldOut, NormalEquations, RefitConfig, neuron_gates, refit_down, refit_with_holdout
 
 
 def _ffn(d: int = 24, d_ff: int = 60, seed: int = 0) -> DenseFFN:
@@ -42,11 +42,12 @@ def test_normal_equations_match_direct_least_squares():
     g = torch.Generator().manual_seed(1)
     x, w0 = torch.randn(300, 17, generator=g), torch.randn(5, 17, generator=g)
     y = x @ torch.randn(17, 5, generator=g) + 0.1 * torch.randn(300, 5, generator=g)
-    eq = NormalEquations(17, 5)
-    eq.add(x[:120], y[:120])
-    eq.add(x[120:], y[120:])
+    eq, held = NormalEquations(17, 5), HeldOut()
+    for part in (slice(0, 120), slice(120, None)):  # fed in chunks
+        eq.add(x[part], y[part])
+        held.add(x[part], y[part])
     direct = float((y - x @ w0.T).norm() / y.norm())
-    assert eq.relative_error(w0) == pytest.approx(direct, rel=1e-6)
+    assert held.relative_error(w0) == pytest.approx(direct, rel=1e-6)
     exact = torch.linalg.lstsq(x.double(), y.double()).solution.T.float()  # [5, 17]
     torch.testing.assert_close(eq.solve(w0, damp=1e-9), exact, rtol=1e-4, atol=1e-4)
     strong = eq.solve(w0, damp=1e6)  # a huge ridge keeps the starting weights
@@ -56,7 +57,7 @@ def test_normal_equations_match_direct_least_squares():
 def test_holdout_picks_the_damp_with_the_lowest_held_out_error():
     g = torch.Generator().manual_seed(5)
     w0, true = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
-    train, held = NormalEquations(30, 4), NormalEquations(30, 4)
+    train, held = NormalEquations(30, 4), HeldOut()
     for eq, n in ((train, 60), (held, 200)):  # few training rows: a weak ridge overfits
         x = torch.randn(n, 30, generator=g)
         eq.add(x, x @ true.T + 0.5 * torch.randn(n, 4, generator=g))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -181,11 +181,8 @@ def _float_grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tenso
     zero = (-lo / scale).to(SCALE_DTYPE).float()
     bad = (hi <= lo) | ~torch.isfinite(zero) | ~torch.isfinite(scale)
     if bad.any():
-        lo0, hi0 = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        empty = (lo0 == 0) & (hi0 == 0)
-        lo0, hi0 = torch.where(empty, -1.0, lo0), torch.where(empty, 1.0, hi0)
-        scale0 = ((hi0 - lo0) / spec.maxq).clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()
-        zero0 = torch.round(-lo0 / scale0).clamp(0, spec.maxq)
+        integer = replace(spec, float_zeros=False)
+        scale0, zero0 = _grid_of_range(lo.clamp(max=0.0), hi.clamp(min=0.0), integer)
         scale, zero = torch.where(bad, scale0, scale), torch.where(bad, zero0, zero)
     return scale, zero
 
