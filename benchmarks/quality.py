@@ -13,7 +13,8 @@ checkpoint end to end (KL to the dense logits + LM loss, HealConfig defaults) on
 Shakespeare train tokens: the same budget for every healed row. Every MoE row and the prune row
 get the same least-squares refit of the down projections (moeconv.refit; --no-refit turns it off
 for all rows). "X+dag" adds a DAG-MoE aggregator
-to row X's checkpoint (`moeconv dag`, defaults), distilled on the same calibration budget. Results are cached in
+to row X's checkpoint (`moeconv dag`, defaults: layer-local), distilled on the same calibration budget; "X+dagkl"
+trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows). Results are cached in
 WORK/results.json so an interrupted run continues.
 """
 
@@ -72,10 +73,11 @@ def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -
         cmd = [sys.executable, "-m", "moeconv.cli", "heal", str(base), str(out), "--teacher", str(gguf),
                "--heal-tokens", str(args.heal_tokens), "--heal-source", "shakespeare", "--device", "cpu", "-q"]
         subprocess.run(cmd, check=True)
-    elif method.endswith("+dag"):  # DAG-MoE aggregator added to row X's checkpoint, same calibration budget
-        base = build(method.removesuffix("+dag"), experts, top_k, gguf, work, args)
+    elif method.endswith(("+dag", "+dagkl")):  # DAG-MoE aggregator added to row X's checkpoint, same calibration budget
+        objective = "kl" if method.endswith("+dagkl") else "layer"
+        base = build(method.removesuffix("+dag").removesuffix("+dagkl"), experts, top_k, gguf, work, args)
         cmd = [sys.executable, "-m", "moeconv.cli", "dag", str(base), str(out), "--calib", "shakespeare",
-               "--calib-tokens", str(args.calib_tokens), "--device", "cpu", "-q"]
+               "--calib-tokens", str(args.calib_tokens), "--objective", objective, "--teacher", str(gguf), "--device", "cpu", "-q"]
         subprocess.run(cmd, check=True)
     elif method == "prune":
         prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens,

@@ -10,7 +10,10 @@ import typer
 from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
 from moeconv.convert import ProgressEvent
 from moeconv.io.load import resolve_device
+from moeconv.errors import MoeconvError
 from moeconv.recipe import CalibrationSpec
+
+OBJECTIVES = ("layer", "kl", "layer+kl")
 
 
 @guarded
@@ -19,7 +22,10 @@ def dag_command(
     out: Annotated[Path, typer.Argument(help="output folder")],
     d_g: Annotated[int, typer.Option(help="message width d_g")] = 24,
     rounds: Annotated[int, typer.Option(help="message-passing rounds L")] = 2,
-    steps: Annotated[int, typer.Option(help="distillation steps per layer")] = 300,
+    objective: Annotated[str, typer.Option(help="layer: fit each layer's dense FFN output; kl: train all aggregators "
+                                                "together on KL to the dense teacher's logits; layer+kl: both, in that order")] = "layer",
+    steps: Annotated[int, typer.Option(help="layer-local distillation steps per layer")] = 300,
+    epochs: Annotated[int, typer.Option(help="passes over the calibration windows of the end-to-end (kl) step")] = 3,
     calib: Annotated[str, typer.Option(help="calibration text")] = "shakespeare",
     calib_tokens: Annotated[int, typer.Option()] = 16384,
     seqlen: Annotated[int, typer.Option()] = 512,
@@ -37,14 +43,23 @@ def dag_command(
     from moeconv.dag.add import add_dag
 
     setup_logging(verbose, quiet)
+    if objective not in OBJECTIVES:
+        raise MoeconvError(f"unknown --objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     calibration = CalibrationSpec(source=calib, tokens=calib_tokens, seqlen=seqlen)
-    dag = {"d_g": d_g, "rounds": rounds, "train": {"steps": steps}}
+    dag = {"d_g": d_g, "rounds": rounds, "train": {"steps": steps if "layer" in objective else 0},
+           "end_to_end": {"epochs": epochs} if "kl" in objective else None}
     with layer_progress(enabled=not (quiet or json_out)) as progress:
-        metrics = add_dag(src, out, dag, calibration, seed=seed, force=force, resume=resume, device=resolve_device(device), teacher=teacher,
+        result = add_dag(src, out, dag, calibration, seed=seed, force=force, resume=resume, device=resolve_device(device), teacher=teacher,
                           progress=lambda stage, layer, layers: progress(ProgressEvent(stage, layer, layers)))
     if json_out:
-        emit_json({"out": str(out), "layers": metrics})
+        emit_json({"out": str(out), **result})
     elif not quiet:
-        before = sum(m["rel_error_before"] for m in metrics.values()) / len(metrics)
-        after = sum(m["rel_error_after"] for m in metrics.values()) / len(metrics)
-        stdout.print(f"wrote {out}: mean layer error {before:.3f} -> {after:.3f} on held-out calibration tokens")
+        layers, joint = result["layers"], result["end_to_end"]
+        before = sum(m["rel_error_before"] for m in layers.values()) / len(layers)
+        after = sum(m["rel_error_after"] for m in layers.values()) / len(layers)
+        line = f"wrote {out}: mean layer error {before:.3f} -> {after:.3f} on held-out calibration tokens"
+        if joint is not None:
+            verdict = "kept" if joint["kept"] else "discarded: it did not lower the held-out KL"
+            line += (f"; end-to-end KL {joint['kl_before']:.4f} -> {joint['kl_trained']:.4f} on "
+                     f"{joint['holdout_windows']} held-out windows ({verdict})")
+        stdout.print(line)

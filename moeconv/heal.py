@@ -289,12 +289,15 @@ def heal(
     progress: HealProgress | None = None,
     *,
     text: TextSource | None = None,
+    windows: torch.Tensor | None = None,
     device: str = "auto",
     resume: bool = True,
 ) -> dict:
     """Distil `teacher` into `student` in place, under the student's own routing; returns metrics.
 
-    `text` overrides config.source (already loaded). With a checkpoint_dir, state is saved every
+    `text` overrides config.source (already loaded); `windows` [steps * batch, seqlen] are token windows used in
+    order instead of any text (config.tokens and seqlen must match them). Only parameters that require grad are
+    trained (callers freeze the rest), the routers as the config says. With a checkpoint_dir, state is saved every
     config.checkpoint_every steps and, if `resume`, a matching checkpoint found there is continued.
     """
     from accelerate import Accelerator
@@ -313,8 +316,13 @@ def heal(
         raise RecipeError(f"heal batch {config.batch} is not divisible by the {accelerator.num_processes} processes; change batch")
 
     progress(HealEvent("tokenize"))
-    source = text if text is not None else load_text(config.source, config.text_field)
-    windows = training_windows(tokenizer, source, config)  # [W, L]
+    source = None
+    if windows is None:
+        source = text if text is not None else load_text(config.source, config.text_field)
+        windows = training_windows(tokenizer, source, config)  # [W, L]
+    elif tuple(windows.shape) != (config.steps() * config.batch, config.seqlen):
+        raise DataError(f"heal got {list(windows.shape)} windows but its config asks for "
+                        f"[{config.steps() * config.batch}, {config.seqlen}]; pass whole batches of seqlen tokens")
     check_pair(student, teacher, windows)
     steps = config.steps()
 
@@ -398,7 +406,7 @@ def heal(
         "seconds": time.perf_counter() - start_time, "train_router": train_router, "straight_through_blocks": n_ste,
         "final": state.history[-1] if state.history else {}, "grad_norm_max": state.grad_norm_max,
         "nonfinite_steps": state.nonfinite_steps, "history": state.history,
-        "config": config.model_dump(mode="json"), "text": source.name, "mixed_precision": precision,
+        "config": config.model_dump(mode="json"), "text": source.name if source is not None else "windows", "mixed_precision": precision,
     }
 
 

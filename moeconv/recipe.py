@@ -65,7 +65,9 @@ class ConvertRecipe(Strict):
         if v is not None:
             from moeconv.dag import DagConfig
 
-            DagConfig(**v)  # unknown or invalid aggregator settings fail at load time
+            if DagConfig(**v).end_to_end is not None:  # unknown or invalid aggregator settings fail at load time
+                raise ValueError("dag.end_to_end trains the aggregators of the whole converted model, which convert "
+                                 "writes layer by layer; drop it here and run `moeconv dag OUT OUT2 --objective kl` after convert")
         return v
 
     @property

@@ -118,3 +118,59 @@ def test_dag_command_adds_aggregator(tmp_path):
 
     reloaded = EvalResult.model_validate(result)  # saved results (for --compare) load back, derived ratio included
     assert reloaded.dag_overhead.overhead == pytest.approx(result["dag_overhead"]["overhead"])
+
+
+def test_dag_end_to_end_kl(tmp_path):
+    """--objective kl trains every aggregator together on KL to the dense teacher, and keeps the result only if the
+    held-out KL drops; otherwise the aggregators stay exactly neutral (the plain MoE)."""
+    from typer.testing import CliRunner
+
+    from moeconv.cli.app import app
+    from moeconv.dag.end_to_end import DagEndToEndConfig, distill_end_to_end
+    from moeconv.dag.distill import DagConfig, attach_dag
+    from moeconv.heal import distill_metrics
+
+    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2, initializer_range=0.3)  # peaked logits: a real KL
+    save_char_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text())
+    moe = tmp_path / "moe"
+    convert(str(src), moe, load_recipe(None, {"experts": 6, "top_k": 1, "router": {"steps": 30},
+                                             "calibration": {"source": str(text), "tokens": 1024, "seqlen": 64}}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["dag", str(moe), str(tmp_path / "kl"), "--objective", "kl", "--epochs", "4", "--d-g", "8",
+                                 "--calib", str(text), "--calib-tokens", "1024", "--seqlen", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    joint = json.loads(result.output)["end_to_end"]
+    assert joint["steps"] == 4 * 14 // 4 and joint["train_windows"] == 14 and joint["holdout_windows"] == 2
+    assert joint["kept"] == float(joint["kl_trained"] < joint["kl_before"])
+    assert joint["kl_after"] == (joint["kl_trained"] if joint["kept"] else joint["kl_before"])
+    assert json.loads((tmp_path / "kl" / "provenance.json").read_text())["dag"]["end_to_end"]["kl_after"] == joint["kl_after"]
+    plain, with_dag = load_model(moe, device="cpu"), load_model(tmp_path / "kl", device="cpu")
+    ids = torch.randint(0, 60, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, with_dag(ids).logits) != bool(joint["kept"])
+
+    # A step that cannot help (learning rate 0 leaves the aggregators at W_up = 0) is discarded: logits are unchanged
+    # to the bit, and nothing but the aggregators ever trains.
+    student, teacher = load_model(moe, device="cpu"), load_model(src, device="cpu")
+    for layer in student.model.layers:
+        attach_dag(layer.mlp, DagConfig(d_g=8), torch.Generator().manual_seed(0))
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".dag." not in n}
+    windows = torch.randint(0, 60, (8, 32))
+    with torch.no_grad():
+        before = student(windows).logits
+    neutral = distill_end_to_end(student, teacher, windows, DagEndToEndConfig(epochs=1, lr=1e-30, batch=2))
+    assert neutral["kept"] == 0.0 and neutral["kl_after"] == neutral["kl_before"]
+    with torch.no_grad():
+        assert torch.equal(student(windows).logits, before)
+    trained = distill_end_to_end(student, teacher, windows, DagEndToEndConfig(epochs=6, lr=1e-2, batch=2))
+    assert trained["kept"] == 1.0 and trained["kl_after"] < 0.97 * trained["kl_before"]
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if ".dag." not in n)
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+    assert distill_metrics(student, teacher, windows[-1:])["kl"] == pytest.approx(trained["kl_after"])
+
+    bad = runner.invoke(app, ["dag", str(moe), str(tmp_path / "bad"), "--objective", "kld", "-q"])
+    assert bad.exit_code == 2 and "--objective" in bad.output and not (tmp_path / "bad").exists()
+    with pytest.raises(RecipeError, match="end_to_end"):
+        load_recipe(None, {"dag": {"end_to_end": {"epochs": 1}}})

@@ -15,6 +15,7 @@ from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import load_text
 from moeconv.convert import HF_FILES
 from moeconv.dag.distill import DagConfig, distill_dag
+from moeconv.dag.end_to_end import distill_end_to_end
 from moeconv.errors import MoeconvError
 from moeconv.ffn import DenseFFN
 from moeconv.io.adapters import adapter_for
@@ -40,21 +41,32 @@ def _check_source(src: Path, force: bool) -> dict:
     return config
 
 
+def _teacher_path(src: Path, teacher: str | None, why: str | None) -> str | None:
+    """The dense model SRC was converted from: `teacher`, else the source recorded in provenance.json.
+    `why` says what needs it (None: only look; a missing teacher is then no error)."""
+    if teacher is not None and not Path(teacher).exists():
+        raise MoeconvError(f"teacher {teacher} does not exist; pass the dense model folder or .gguf {src} was converted from")
+    recorded = _provenance(src).get("source")
+    path = teacher or recorded
+    if why is not None and (not path or not Path(path).exists()):
+        raise MoeconvError(f"{why}; pass --teacher with the dense model {src} was converted from "
+                           f"(recorded source {recorded!r} is not there)")
+    return path
+
+
+def _provenance(src: Path) -> dict:
+    return json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").is_file() else {}
+
+
 def _dense_ffns(src: Path, teacher: str | None, moe: dict) -> Callable[[int], DenseFFN] | None:
     """Decoder layer -> the dense FFN whose output the aggregator should reproduce, or None when every expert
     summed is that FFN. A refitted checkpoint's experts no longer sum to the dense FFN (their down projections
     were re-solved for top-k routing), so its targets come from the dense source: `teacher`, or the source
     recorded in provenance.json."""
-    provenance = json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").is_file() else {}
-    refitted = any(m.get("refit_kept") for m in provenance.get("layers", {}).values())
+    refitted = any(m.get("refit_kept") for m in _provenance(src).get("layers", {}).values())
     if teacher is None and not refitted:
         return None
-    if teacher is not None and not Path(teacher).exists():
-        raise MoeconvError(f"teacher {teacher} does not exist; pass the dense model folder or .gguf {src} was converted from")
-    teacher = teacher or provenance.get("source")
-    if not teacher or not Path(teacher).exists():
-        raise MoeconvError(f"{src}'s down projections were refitted, so its experts no longer sum to the dense FFN; "
-                           f"pass --teacher with the dense model it was converted from (recorded source {teacher!r} is not there)")
+    teacher = _teacher_path(src, teacher, f"{src}'s down projections were refitted, so its experts no longer sum to the dense FFN")
     reader = open_checkpoint(teacher)
     adapter = adapter_for(reader.config)
     d_ff = adapter.d_ff(reader.config)
@@ -82,15 +94,18 @@ def _capture_inputs(model: torch.nn.Module, blocks: list, windows: torch.Tensor,
 def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: CalibrationSpec, *, seed: int = 0, force: bool = False,
             resume: bool = False, device: torch.device = torch.device("cpu"), teacher: str | None = None,
             progress: Callable[[str, int | None, int], None] = lambda stage, layer, layers: None) -> dict:
-    """Write SRC plus a distilled aggregator per MoE layer to OUT.  Returns per-layer metrics.
+    """Write SRC plus a distilled aggregator per MoE layer to OUT.  Returns {"layers": per-layer metrics,
+    "end_to_end": metrics of the joint step or None}.
 
     Each aggregator is distilled to the dense FFN's output: every expert summed, or, for refitted checkpoints
-    (or when `teacher` is given), the teacher's FFN on the same inputs."""
+    (or when `teacher` is given), the teacher's FFN on the same inputs. With `dag.end_to_end`, all aggregators
+    are then trained together on KL to the dense teacher's logits over the same calibration windows."""
     src, out = Path(src), Path(out)
     config = _check_source(src, force=force or resume)
     settings = DagConfig(**dag)
     moe = config["moe"]
     dense_ffn = _dense_ffns(src, teacher, moe)
+    e2e_teacher = _teacher_path(src, teacher, "end-to-end distillation needs the dense teacher") if settings.end_to_end else None
     progress("tokenizing calibration text", None, 0)
     text = load_text(calibration.source, calibration.text_field)
     windows = tokenize_windows(load_tokenizer(src), text, calibration.tokens, calibration.seqlen)
@@ -114,11 +129,25 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
                 target = block(x.to(device))
                 block.top_k = top_k
         metrics[str(i)] = distill_dag(block, x.to(device), target, settings, torch.Generator().manual_seed(seed * 100003 + i))
+    del inputs
+    joint = None
+    if settings.end_to_end is not None:
+        progress("loading the dense teacher", None, 0)
+        dense = load_model(e2e_teacher, dtype="float32", device=str(device))
+
+        def on_step(event) -> None:
+            if event.stage == "step":
+                progress(f"end-to-end step {event.step}/{event.steps}, KL {event.metrics['kl']:.4f}", None, 0)
+
+        joint = distill_end_to_end(model, dense, windows, settings.end_to_end, seed=seed, progress=on_step,
+                                   device="cpu" if device.type == "cpu" else "auto")
+        del dense
+    for i, block in zip(moe["layers"], blocks, strict=True):
         prefix = moe["ffn_path"].format(i=i)
         new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}
-    _write(src, partial, config, settings, new_tensors, metrics)
+    _write(src, partial, config, settings, new_tensors, {"layers": metrics, "end_to_end": joint})
     partial.finalize()
-    return metrics
+    return {"layers": metrics, "end_to_end": joint}
 
 
 def _write(src: Path, partial: PartialOutput, config: dict, settings: DagConfig, new: dict, metrics: dict) -> None:
@@ -145,6 +174,6 @@ def _write(src: Path, partial: PartialOutput, config: dict, settings: DagConfig,
             shutil.copyfile(f, partial.path / f.name)
     for name in HF_FILES:
         shutil.copyfile(hf / name, partial.path / name)
-    provenance = json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").is_file() else {}
-    provenance["dag"] = {"settings": settings.model_dump(), "layers": metrics}
+    provenance = _provenance(src)
+    provenance["dag"] = {"settings": settings.model_dump(), **metrics}
     partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from moeconv.dag.end_to_end import DagEndToEndConfig
 from moeconv.errors import DataError, RecipeError
 from moeconv.modeling.hf.dag import DagAggregator
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
@@ -38,7 +39,7 @@ class DagTrainConfig(BaseModel):
 class DagConfig(BaseModel):
     """The recipe's `dag:` block: the aggregator's shape plus how to train it.
 
-    `architecture()` (everything but `train`) is what config.json stores as moe.dag and what
+    `architecture()` (everything but how it is trained) is what config.json stores as moe.dag and what
     DagAggregator takes as keyword arguments.
     """
 
@@ -47,9 +48,11 @@ class DagConfig(BaseModel):
     rounds: int = Field(2, ge=1, description="message-passing rounds L")
     stabilize: bool = Field(True, description="add x/k to every node before the rounds (subtracted again at the end)")
     train: DagTrainConfig = Field(default_factory=DagTrainConfig)
+    end_to_end: DagEndToEndConfig | None = Field(
+        None, description="after the layer-local step, train all aggregators together on KL to the dense teacher")
 
     def architecture(self) -> dict:
-        return self.model_dump(exclude={"train"})
+        return self.model_dump(exclude={"train", "end_to_end"})
 
 
 def attach_dag(block: MoeconvMoeBlock, config: DagConfig, generator: torch.Generator | None = None) -> DagAggregator:
