@@ -9,8 +9,8 @@ import typer
 
 from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
 from moeconv.convert import ProgressEvent
-from moeconv.io.load import resolve_device
 from moeconv.errors import MoeconvError
+from moeconv.io.load import resolve_device
 from moeconv.recipe import CalibrationSpec
 
 OBJECTIVES = ("layer", "kl", "layer+kl")

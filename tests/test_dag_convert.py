@@ -126,8 +126,8 @@ def test_dag_end_to_end_kl(tmp_path):
     from typer.testing import CliRunner
 
     from moeconv.cli.app import app
-    from moeconv.dag.end_to_end import DagEndToEndConfig, distill_end_to_end
     from moeconv.dag.distill import DagConfig, attach_dag
+    from moeconv.dag.end_to_end import DagEndToEndConfig, distill_end_to_end
     from moeconv.heal import distill_metrics
 
     src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2, initializer_range=0.3)  # peaked logits: a real KL
