@@ -34,10 +34,10 @@ from moeconv.io.adapters import adapter_for
 from moeconv.io.layout import output_config
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
-from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, buffer_specs
+from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_DICTIONARY_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor, QuantSpec
-from moeconv.quant.packing import format_dict, pack, unpack
+from moeconv.quant.packing import format_dict, pack, stored_bits_of_format, unpack
 from moeconv.quant.pipeline import LayerResult, per_expert_modules, quantizable, quantize_layer, rtn_layer, weight_of
 from moeconv.quant.recipe import QuantRecipe
 from moeconv.recipe import dump_recipe, parse_size
@@ -325,8 +325,9 @@ def _encode_sub1(partial: PartialOutput, names: list[str], metrics: dict, progre
         if entry["format"].get("num_codes") is None:
             with safe_open(str(partial.path / _shard_of(partial, names, f"{name}.codes")), framework="pt") as h:
                 codes = h.get_slice(f"{name}.codes").get_shape()[0]
-            entry["format"].update(num_codes=codes, dictionary_size=dictionary.size, shared_dictionary=True)
-            entry["bits_per_weight"] = (codes * 16 + entry["format"]["out_features"] * 64) / entry["weights"]
+            entry["format"].update(num_codes=codes, dictionary_size=dictionary.size, shared_dictionary=True,
+                                   block_rows=SUB1_BLOCK_ROWS)
+            entry["bits_per_weight"] = stored_bits_of_format(entry["format"]) / entry["weights"]
 
 
 def _shard_of(partial: PartialOutput, names: list[str], key: str) -> str:

@@ -13,7 +13,7 @@ from moeconv.modeling.hf import quant_linear
 from moeconv.modeling.hf.quant_linear import QuantLinear, unpack_bits
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
-from moeconv.quant.packing import pack, pack_bits, unpack
+from moeconv.quant.packing import pack, pack_bits, stored_bits_of_format, unpack
 
 # (spec, out, in): odd shapes, groups that are and are not the whole row
 CASES = [
@@ -32,6 +32,7 @@ CASES = [
     (QuantSpec("ternary"), 17, 31),
     (QuantSpec("sub1"), 17, 31),
     (QuantSpec("sub1"), 6, 1),
+    (QuantSpec("sub1"), 70, 20),  # 3 blocks of 32 rows, the last one short
 ]
 IDS = [f"{s.format}-g{s.group_size}{'-sym' if s.symmetric else ''}{'-fz' if s.float_zeros else ''}-{o}x{i}" for s, o, i in CASES]
 
@@ -123,11 +124,41 @@ def test_shared_sub1_dictionary_is_stored_once_and_attached():
 def test_sub1_pack_builds_a_full_private_dictionary_by_default():
     q = _quantized(QuantSpec("sub1"), 5, 23, seed=4)
     packed = pack(q)
-    assert packed.fmt["dictionary_size"] == 2**16 and packed.fmt["shared_dictionary"] is False
+    assert bool((sub1.pair_counts(q.codes) > 0).all())  # all 9 letters: entries 9 + 9 per expansion, <= 2^16
+    assert packed.fmt["dictionary_size"] == 65529 and packed.fmt["shared_dictionary"] is False
     assert torch.equal(unpack(packed.buffers, packed.fmt).codes, q.codes)
-    rows = 5
-    expected = 16 * packed.fmt["num_codes"] + 64 * rows + 64 * 2**16  # codes, offsets + lo/hi, table
+    assert packed.fmt["block_rows"] == 32 and packed.buffers["block_offsets"].shape == (1,)
+    expected = 16 * packed.fmt["num_codes"] + 32 * 1 + 32 * 5 + 64 * 65529  # codes, one block offset, lo/hi, table
     assert packed.stored_bits() == expected
+    assert stored_bits_of_format(packed.fmt) == expected
+    assert stored_bits_of_format({**packed.fmt, "shared_dictionary": True}) == expected - 64 * 65529
+
+
+def test_sub1_block_offsets_are_counted_per_block_of_rows():
+    q = _quantized(QuantSpec("sub1"), 70, 40, seed=2)
+    dictionary = sub1.build_dictionary(sub1.pair_counts(q.codes), size=300)
+    for block_rows, blocks in ((1, 70), (16, 5), (32, 3), (70, 1), (100, 1)):
+        packed = pack(q, dictionary, block_rows=block_rows)
+        assert packed.buffers["block_offsets"].shape == (blocks,) and packed.fmt["block_rows"] == block_rows
+        assert packed.stored_bits(include_dictionary=False) == 16 * packed.fmt["num_codes"] + 32 * blocks + 32 * 70
+        assert stored_bits_of_format(packed.fmt, include_dictionary=False) == packed.stored_bits(include_dictionary=False)
+        assert torch.equal(unpack(packed.buffers, packed.fmt).codes, q.codes)
+
+
+def test_older_sub1_layout_with_row_offsets_still_loads():
+    # Checkpoints written before row blocks: no "block_rows" key, an int32 `row_offsets` per row, codes per row.
+    q = _quantized(QuantSpec("sub1"), 9, 21, seed=3)
+    dictionary = sub1.build_dictionary(sub1.pair_counts(q.codes), size=300)
+    packed = pack(q, dictionary, block_rows=1)
+    fmt = {k: v for k, v in packed.fmt.items() if k != "block_rows"}
+    buffers = {("row_offsets" if k == "block_offsets" else k): v for k, v in packed.buffers.items()}
+    assert torch.equal(unpack(buffers, fmt).codes, q.codes)
+    module = QuantLinear.from_packed(buffers, fmt)
+    assert torch.equal(module.dequantize_weight(), dequantize(q))
+    bad = buffers["row_offsets"].clone()
+    bad[3] += 1
+    with pytest.raises(CheckpointError, match="block offsets"):
+        unpack(dict(buffers, row_offsets=bad), fmt)
 
 
 def test_bits_per_weight_counts_every_buffer():
@@ -146,11 +177,16 @@ def test_corrupt_buffers_raise_checkpoint_error():
         unpack({k: v for k, v in packed.buffers.items() if k != "qzeros"}, packed.fmt)
     with pytest.raises(CheckpointError, match="format"):
         unpack(packed.buffers, dict(packed.fmt, format="int5"))
-    packed = _pack(_quantized(QuantSpec("sub1"), 6, 30, seed=1))
-    offsets = packed.buffers["row_offsets"].clone()
-    offsets[2] += 1
-    with pytest.raises(CheckpointError, match="row offsets"):
-        unpack(dict(packed.buffers, row_offsets=offsets), packed.fmt)
+    packed = _pack(_quantized(QuantSpec("sub1"), 70, 30, seed=1))  # blocks of 32, 32 and 6 rows
+    for block, delta in ((1, 1), (2, -1), (2, 10**6)):
+        offsets = packed.buffers["block_offsets"].clone()
+        offsets[block] += delta
+        with pytest.raises(CheckpointError, match="block offsets"):
+            unpack(dict(packed.buffers, block_offsets=offsets), packed.fmt)
+    with pytest.raises(CheckpointError, match="block_offsets"):  # one offset per row, as the older layout
+        unpack(dict(packed.buffers, block_offsets=torch.zeros(70, dtype=torch.int32)), packed.fmt)
+    with pytest.raises(CheckpointError, match="block offsets"):  # the offsets of another block size
+        unpack(packed.buffers, dict(packed.fmt, block_rows=24))
     with pytest.raises(CheckpointError, match="code stream"):
         codes = packed.buffers["codes"][:-1].contiguous()
         unpack(dict(packed.buffers, codes=codes), dict(packed.fmt, num_codes=codes.numel()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -11,9 +12,12 @@ from torch import Tensor
 from moeconv.errors import CheckpointError
 from moeconv.modeling.hf.quant_linear import (
     INT_BITS,
+    SUB1_BLOCK_ROWS,
     buffer_specs,
     chunk_layout,
     decode_sub1,
+    sub1_block_rows,
+    sub1_index_name,
     unpack_bits,
 )
 from moeconv.quant import sub1
@@ -32,13 +36,25 @@ class PackedWeight:
         return int(self.fmt["in_features"]) * int(self.fmt["out_features"])
 
     def stored_bits(self, include_dictionary: bool = True) -> int:
-        """All stored bits: codes, scales/zeros or lo/hi, row offsets and (unless excluded) the sub1 dictionary."""
+        """All stored bits: codes, scales/zeros or lo/hi, block offsets and (unless excluded) the sub1 dictionary."""
         return sum(
             t.numel() * t.element_size() * 8 for name, t in self.buffers.items() if include_dictionary or name != "dictionary"
         )
 
     def bits_per_weight(self, include_dictionary: bool = True) -> float:
         return self.stored_bits(include_dictionary) / self.num_weights
+
+
+def stored_bits_of_format(fmt: Mapping, include_dictionary: bool = True) -> int:
+    """Stored bits of a matrix from its format dict alone (every buffer of buffer_specs; a shared sub1 dictionary
+    is stored once per model, so it is left out here, as PackedWeight.stored_bits(False) does)."""
+    shared = bool(fmt.get("shared_dictionary", False))
+    total = 0
+    for name, (shape, dtype) in buffer_specs(fmt).items():
+        if name == "dictionary" and (shared or not include_dictionary):
+            continue
+        total += math.prod(shape) * dtype.itemsize * 8
+    return total
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
@@ -65,9 +81,10 @@ def format_dict(spec: QuantSpec, out_features: int, in_features: int) -> dict:
     return fmt
 
 
-def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shared_dictionary: bool = False) -> PackedWeight:
-    """Pack `q` in the format of its spec. sub1 uses `dictionary` (built from `q` itself when None);
-    `shared_dictionary` marks it as stored once per model (see QuantLinear.attach_dictionary)."""
+def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shared_dictionary: bool = False,
+         block_rows: int = SUB1_BLOCK_ROWS) -> PackedWeight:
+    """Pack `q` in the format of its spec. sub1 uses `dictionary` (built from `q` itself when None), coding
+    `block_rows` rows per block; `shared_dictionary` marks it as stored once per model (see QuantLinear.attach_dictionary)."""
     spec = q.spec
     out_features, in_features = q.shape
     fmt = format_dict(spec, out_features, in_features)
@@ -77,9 +94,10 @@ def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shar
         if spec.bits == "ternary":
             return PackedWeight(fmt, {"qweight": pack_bits(q.codes, 2), "lo_hi": lo_hi})
         dictionary = dictionary or sub1.build_dictionary(sub1.pair_counts(q.codes))
-        codes, row_offsets = sub1.encode(q.codes, dictionary)
-        fmt.update(num_codes=codes.numel(), dictionary_size=dictionary.size, shared_dictionary=shared_dictionary)
-        buffers = {"codes": codes, "row_offsets": row_offsets, "lo_hi": lo_hi, "dictionary": dictionary.table}
+        codes, block_offsets = sub1.encode(q.codes, dictionary, block_rows)
+        fmt.update(num_codes=codes.numel(), dictionary_size=dictionary.size, shared_dictionary=shared_dictionary,
+                   block_rows=block_rows)
+        buffers = {"codes": codes, "block_offsets": block_offsets, "lo_hi": lo_hi, "dictionary": dictionary.table}
         return PackedWeight(fmt, buffers)
     assert q.scales is not None
     bits = int(spec.bits)
@@ -118,5 +136,6 @@ def unpack(buffers: Mapping[str, Tensor], fmt: Mapping) -> QuantizedTensor:
         symbols = decode_sub1(buffers["codes"], buffers["dictionary"], rows, cols)
     except (ValueError, IndexError) as exc:
         raise CheckpointError(f"sub1 code stream is corrupt ({exc}); re-run moeconv quantize") from exc
-    sub1.check_row_offsets(buffers["codes"], buffers["dictionary"], buffers["row_offsets"], cols)
+    sub1.check_block_offsets(buffers["codes"], buffers["dictionary"], buffers[sub1_index_name(fmt)], rows, cols,
+                             sub1_block_rows(fmt))
     return QuantizedTensor(QuantSpec("sub1"), symbols, lo_hi=lo_hi)

@@ -1,4 +1,4 @@
-"""QMoE's sub-1-bit code for ternary matrices: a Tunstall-style dictionary of symbol-pair sequences -> uint16 codes."""
+"""QMoE's sub-1-bit code for ternary matrices: a Tunstall dictionary of symbol-pair sequences -> uint16 codes, per row block."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from moeconv.errors import CheckpointError, RecipeError
-from moeconv.modeling.hf.quant_linear import SUB1_LENGTH_SHIFT, SUB1_MAX_PAIRS, decode_sub1
+from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_LENGTH_SHIFT, SUB1_MAX_PAIRS, decode_sub1
 
 NUM_PAIRS = 9  # ternary symbols {0, 1 = lo, 2 = hi} taken two at a time
 MAX_ENTRIES = 2**16  # codes are uint16
@@ -52,69 +52,56 @@ class Sub1Dictionary:
 
 
 def build_dictionary(counts: Tensor, size: int = MAX_ENTRIES, max_pairs: int = SUB1_MAX_PAIRS) -> Sub1Dictionary:
-    """The `size` most probable sequences of 1..max_pairs pair letters under i.i.d. letter probabilities `counts` [9].
+    """A Tunstall dictionary of at most `size` sequences of 1..max_pairs pair letters for i.i.d. letters with `counts` [9].
 
-    Codes 0..8 are the single letters (always present, so every row can be encoded); the rest are grown
-    best-first from a heap. The set is prefix-closed, so greedy longest-match parsing always succeeds.
+    Codes 0..8 are the single letters (always present, so every row can be encoded). Then, best-first from a heap,
+    the most probable sequence shorter than max_pairs is expanded: all its children (one more letter, each letter
+    seen in `counts`) become entries, while a whole expansion still fits. Greedy longest-match parsing then stops
+    only at sequences that were not expanded and never depends on the letter after a code. (Adding the single most
+    probable sequences one at a time instead, as QMoE describes, makes the parse stop early whenever the next letter
+    is a missing child: measured on GPTQ-ternary symbols of SmolLM2 (8,4), 0.942 -> 0.912 code bits per weight on
+    expert down projections, 0.842 -> 0.829 on gate.) The set is prefix-closed, so parsing always succeeds.
     """
     if not NUM_PAIRS <= size <= MAX_ENTRIES or not 1 <= max_pairs <= SUB1_MAX_PAIRS:
         raise RecipeError(f"sub1 dictionary size {size} / max pairs {max_pairs} out of range; use <= {MAX_ENTRIES} / <= 14")
     counts = [float(c) for c in counts.tolist()]
     total = sum(counts)
     probs = [c / total for c in counts] if total > 0 else [1.0 / NUM_PAIRS] * NUM_PAIRS
-    by_prob = sorted(range(NUM_PAIRS), key=lambda a: (-probs[a], a))
+    seen = [a for a in range(NUM_PAIRS) if probs[a] > 0]
     nibble = [(a % 3) | ((a // 3) << 2) for a in range(NUM_PAIRS)]  # letter -> (s0, s1) bits in a table entry
 
     entries = [nibble[a] | (1 << SUB1_LENGTH_SHIFT) for a in range(NUM_PAIRS)]
     keys = [a + 1 for a in range(NUM_PAIRS)]  # lookup keys (see Sub1Dictionary.lookup), built alongside
-    heap: list[tuple[float, int, float, int, int, int, int]] = []  # -p, tiebreak, parent p/bits/key, length, rank
-    tiebreak = 0
-
-    def push_child(parent_p: float, parent_bits: int, parent_key: int, length: int, rank: int) -> None:
-        # Children of a node are pushed one at a time in decreasing probability: popping child `rank`
-        # pushes child `rank + 1`, so the heap holds O(entries) items instead of 9x that.
-        nonlocal tiebreak
-        p = parent_p * probs[by_prob[rank]]
-        if p > 0:
-            heapq.heappush(heap, (-p, tiebreak, parent_p, parent_bits, parent_key, length, rank))
+    # heap of expandable sequences: (-p, tiebreak, p, table bits, lookup key, pairs); ties expand the older first
+    heap = [(-probs[a], a, probs[a], nibble[a], a + 1, 1) for a in seen]
+    heapq.heapify(heap)
+    tiebreak = NUM_PAIRS
+    while heap and len(entries) + len(seen) <= size:
+        _, _, p, bits, key, length = heapq.heappop(heap)
+        if length >= max_pairs:
+            continue
+        for letter in seen:
+            child_bits = bits | (nibble[letter] << (4 * length))
+            child_key = key + (letter + 1) * 10**length
+            entries.append(child_bits | ((length + 1) << SUB1_LENGTH_SHIFT))
+            keys.append(child_key)
+            heapq.heappush(heap, (-p * probs[letter], tiebreak, p * probs[letter], child_bits, child_key, length + 1))
             tiebreak += 1
-
-    if max_pairs > 1:
-        for a in range(NUM_PAIRS):
-            if probs[a] > 0:
-                push_child(probs[a], nibble[a], a + 1, 2, 0)
-    while heap and len(entries) < size:
-        neg_p, _, parent_p, parent_bits, parent_key, length, rank = heapq.heappop(heap)
-        letter = by_prob[rank]
-        bits = parent_bits | (nibble[letter] << (4 * (length - 1)))
-        key = parent_key + (letter + 1) * 10 ** (length - 1)
-        entries.append(bits | (length << SUB1_LENGTH_SHIFT))
-        keys.append(key)
-        if rank + 1 < NUM_PAIRS:
-            push_child(parent_p, parent_bits, parent_key, length, rank + 1)
-        if length < max_pairs:
-            push_child(-neg_p, bits, key, length + 1, 0)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     lookup = (torch.tensor([keys[i] for i in order]), torch.tensor(order))
     return Sub1Dictionary(torch.tensor(entries, dtype=torch.int64), lookup)
 
 
-def encode(symbols: Tensor, dictionary: Sub1Dictionary) -> tuple[Tensor, Tensor]:
-    """Greedy longest-match encoding of each row of ternary symbols [rows, cols] (uint8 in {0, 1, 2}).
-
-    Returns (codes uint16 [n], row_offsets int32 [rows]): row r's codes start at row_offsets[r].
-    All rows are parsed in lockstep: first the longest match at every position, then one jump per step.
-    """
-    rows = symbols.shape[0]
-    letters = _pair_index(symbols)  # [rows, P]
-    n_positions = letters.shape[1]
+def _parse(letters: Tensor, dictionary: Sub1Dictionary) -> tuple[Tensor, Tensor]:
+    """Greedy longest-match parsing of each row of pair letters [n, L] -> (codes int64, row-major; codes per row [n])."""
+    rows, n_positions = letters.shape
     sorted_keys, code_of = dictionary.lookup()
     best_len = torch.zeros_like(letters)  # longest match starting at each position
     best_code = torch.zeros_like(letters)
     keys = torch.zeros_like(letters)
     for length in range(1, min(SUB1_MAX_PAIRS, n_positions) + 1):
         span = n_positions - length + 1  # positions where a sequence of this length fits
-        keys = keys[:, :span] + (letters[:, length - 1 :] + 1) * 10 ** (length - 1)  # [rows, span]
+        keys = keys[:, :span] + (letters[:, length - 1 :] + 1) * 10 ** (length - 1)  # [n, span]
         idx = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
         hit = sorted_keys[idx] == keys
         if not hit.any():
@@ -132,12 +119,36 @@ def encode(symbols: Tensor, dictionary: Sub1Dictionary) -> tuple[Tensor, Tensor]
         step_active.append(active)
         pos = pos + torch.where(active, best_len.gather(1, at)[:, 0], 0)
     if not step_codes:
-        return torch.zeros(0, dtype=torch.uint16), torch.zeros(rows, dtype=torch.int32)
-    active = torch.stack(step_active, dim=1)  # [rows, steps]
-    codes = torch.stack(step_codes, dim=1)[active]  # row-major: each row's codes are contiguous
-    per_row = active.sum(dim=1)
-    row_offsets = torch.cumsum(per_row, 0) - per_row
-    return codes.to(torch.int32).to(torch.uint16), row_offsets.to(torch.int32)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    active = torch.stack(step_active, dim=1)  # [n, steps]
+    return torch.stack(step_codes, dim=1)[active], active.sum(dim=1)  # row-major: each row's codes contiguous
+
+
+def encode(symbols: Tensor, dictionary: Sub1Dictionary, block_rows: int = SUB1_BLOCK_ROWS) -> tuple[Tensor, Tensor]:
+    """Greedy longest-match encoding of ternary symbols [rows, cols] (uint8 in {0, 1, 2}), one block of rows at a time.
+
+    The pair letters of the `block_rows` rows of a block (the last block may have fewer) are parsed as one sequence,
+    so a code may span two rows of a block but never two blocks. Returns (codes uint16 [n], block_offsets int32
+    [ceil(rows / block_rows)]): block b's codes start at block_offsets[b]. Blocks are parsed in lockstep.
+    """
+    if block_rows < 1:
+        raise RecipeError(f"sub1 block_rows {block_rows} must be >= 1")
+    rows = symbols.shape[0]
+    letters = _pair_index(symbols)  # [rows, P]
+    full = rows - rows % block_rows
+    parts = [letters[:full].reshape(full // block_rows, -1)] if full else []  # [blocks, block_rows * P]
+    if full < rows:
+        parts.append(letters[full:].reshape(1, -1))  # the short last block
+    codes, per_block = [], []
+    for part in parts:
+        c, n = _parse(part, dictionary)
+        codes.append(c)
+        per_block.append(n)
+    if not parts:
+        return torch.zeros(0, dtype=torch.uint16), torch.zeros(0, dtype=torch.int32)
+    counts = torch.cat(per_block)  # [blocks]
+    offsets = torch.cumsum(counts, 0) - counts
+    return torch.cat(codes).to(torch.int32).to(torch.uint16), offsets.to(torch.int32)
 
 
 def decode(codes: Tensor, dictionary: Sub1Dictionary, rows: int, cols: int) -> Tensor:
@@ -145,12 +156,16 @@ def decode(codes: Tensor, dictionary: Sub1Dictionary, rows: int, cols: int) -> T
     return decode_sub1(codes, dictionary.table, rows, cols)
 
 
-def check_row_offsets(codes: Tensor, table: Tensor, row_offsets: Tensor, cols: int) -> None:
-    """Raise CheckpointError unless row r's codes start exactly where r full (padded) rows of symbols end."""
+def check_block_offsets(codes: Tensor, table: Tensor, offsets: Tensor, rows: int, cols: int, block_rows: int) -> None:
+    """Raise CheckpointError unless block b's codes start exactly where b * block_rows full (padded) rows of symbols
+    end (block_rows 1: the older per-row `row_offsets`), so no code spans two blocks and every offset is a code."""
+    n_blocks = -(-rows // block_rows)
+    if offsets.shape != (n_blocks,) or codes.dim() != 1:
+        raise CheckpointError(f"sub1 block offsets have shape {tuple(offsets.shape)}, expected ({n_blocks},); re-run moeconv quantize")
     pairs = (table[codes.long()] >> SUB1_LENGTH_SHIFT) & 15  # [n]
     pairs_before = torch.cumsum(pairs, 0) - pairs  # pairs decoded before each code
-    offsets = row_offsets.long()
-    expected = torch.arange(offsets.numel()) * ((cols + 1) // 2)
+    offsets = offsets.long()
+    expected = torch.arange(n_blocks) * (block_rows * ((cols + 1) // 2))  # [blocks]
     in_range = bool(((offsets >= 0) & (offsets < max(codes.numel(), 1))).all())
     if not in_range or (codes.numel() and not torch.equal(pairs_before[offsets.clamp(max=codes.numel() - 1)], expected)):
-        raise CheckpointError("sub1 row offsets do not match the code stream; re-run moeconv quantize")
+        raise CheckpointError("sub1 block offsets do not match the code stream; re-run moeconv quantize")

@@ -4,7 +4,8 @@ Formats and bit layouts are documented in docs/quant-formats.md. A module is des
 (config.json's per-module `quant` entry):
     {"format": "int8"|"int4"|"int3"|"int2"|"ternary"|"sub1", "in_features": I, "out_features": O,
      "group_size": G or -1, "symmetric": bool,                         # intN only
-     "num_codes": n, "dictionary_size": N, "shared_dictionary": bool}  # sub1 only
+     "num_codes": n, "dictionary_size": N, "shared_dictionary": bool,  # sub1 only
+     "block_rows": R}  # sub1: rows per code block (absent in checkpoints written before blocks: one row, `row_offsets`)
 Other keys (e.g. "method") are ignored.
 """
 
@@ -21,6 +22,7 @@ INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 FORMATS = (*INT_BITS, "ternary", "sub1")
 SUB1_MAX_PAIRS = 14  # pairs per dictionary entry: 28 symbols x 2 bits + a 4-bit length fit one int64
 SUB1_LENGTH_SHIFT = 56
+SUB1_BLOCK_ROWS = 32  # rows per sub1 code block: one int32 offset per block; codes may span rows inside a block
 
 
 def chunk_layout(bits: int) -> tuple[int, int]:
@@ -47,8 +49,21 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
 
 
+def sub1_block_rows(fmt: Mapping) -> int:
+    """Rows per code block of a sub1 format dict (1 in the older per-row layout)."""
+    return int(fmt.get("block_rows", 1))
+
+
+def sub1_index_name(fmt: Mapping) -> str:
+    """Buffer holding the code index of the first code of each block: `block_offsets`, or the older `row_offsets`."""
+    return "block_offsets" if "block_rows" in fmt else "row_offsets"
+
+
 def decode_sub1(codes: Tensor, table: Tensor, rows: int, row_len: int) -> Tensor:
-    """Decode a sub1 code stream (uint16 [n]) with its dictionary (int64 [N]) into symbols uint8 [rows, row_len]."""
+    """Decode a sub1 code stream (uint16 [n]) with its dictionary (int64 [N]) into symbols uint8 [rows, row_len].
+
+    The stream is the concatenation of every row's padded pairs, so it decodes in one piece whatever the block
+    size: block offsets only let a kernel start at a block without decoding the codes before it."""
     entries = table[codes.long()]  # [n] int64
     n_pairs = (entries >> SUB1_LENGTH_SHIFT) & 15  # [n]
     shifts = torch.arange(0, 4 * SUB1_MAX_PAIRS, 2, device=codes.device)  # [28]
@@ -83,9 +98,12 @@ def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
     if name == "ternary":
         return {"qweight": ((rows, packed_bytes(cols, 2)), torch.uint8), "lo_hi": ((rows, 2), torch.bfloat16)}
     if name == "sub1":
+        block_rows = sub1_block_rows(fmt)
+        if block_rows < 1:
+            raise ValueError(f"sub1 block_rows {block_rows} must be >= 1")
         return {
             "codes": ((int(fmt["num_codes"]),), torch.uint16),
-            "row_offsets": ((rows,), torch.int32),
+            sub1_index_name(fmt): ((-(-rows // block_rows),), torch.int32),
             "lo_hi": ((rows, 2), torch.bfloat16),
             "dictionary": ((int(fmt["dictionary_size"]),), torch.int64),
         }
