@@ -39,7 +39,7 @@ def dag_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
-    """Add a DAG-MoE aggregator to every MoE layer, distilled to the dense FFN output."""
+    """Add a DAG-MoE aggregator to every MoE layer, distilled to the dense model (per layer, or end to end with --objective kl)."""
     from moeconv.dag.add import add_dag
 
     setup_logging(verbose, quiet)

@@ -41,14 +41,14 @@ def _check_source(src: Path, force: bool) -> dict:
     return config
 
 
-def _teacher_path(src: Path, teacher: str | None, why: str | None) -> str | None:
-    """The dense model SRC was converted from: `teacher`, else the source recorded in provenance.json.
-    `why` says what needs it (None: only look; a missing teacher is then no error)."""
+def _teacher_path(src: Path, teacher: str | None, why: str) -> str:
+    """The dense model SRC was converted from: `teacher`, else the source recorded in provenance.json; `why` (what
+    needs it) opens the error when neither exists."""
     if teacher is not None and not Path(teacher).exists():
         raise MoeconvError(f"teacher {teacher} does not exist; pass the dense model folder or .gguf {src} was converted from")
     recorded = _provenance(src).get("source")
     path = teacher or recorded
-    if why is not None and (not path or not Path(path).exists()):
+    if not path or not Path(path).exists():
         raise MoeconvError(f"{why}; pass --teacher with the dense model {src} was converted from "
                            f"(recorded source {recorded!r} is not there)")
     return path
