@@ -14,7 +14,8 @@ Shakespeare train tokens: the same budget for every healed row. Every MoE row an
 get the same least-squares refit of the down projections (moeconv.refit; --no-refit turns it off
 for all rows). "X+dag" adds a DAG-MoE aggregator
 to row X's checkpoint (`moeconv dag`, defaults: layer-local), distilled on the same calibration budget; "X+dagkl"
-trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows). Results are cached in
+trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows);
+"X+ftkl" is its control: the same end-to-end step training row X's own weights (routers fixed) instead. Results are cached in
 WORK/results.json so an interrupted run continues.
 """
 
@@ -79,6 +80,8 @@ def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -
         cmd = [sys.executable, "-m", "moeconv.cli", "dag", str(base), str(out), "--calib", "shakespeare",
                "--calib-tokens", str(args.calib_tokens), "--objective", objective, "--teacher", str(gguf), "--device", "cpu", "-q"]
         subprocess.run(cmd, check=True)
+    elif method.endswith("+ftkl"):  # control for +dagkl: the same end-to-end step trains the model's own weights
+        finetune_like_dagkl(build(method.removesuffix("+ftkl"), experts, top_k, gguf, work, args), out, gguf, args)
     elif method == "prune":
         prune_checkpoint(str(gguf), out, keep_fraction=top_k / experts, calib_tokens=args.calib_tokens,
                          refit=None if args.no_refit else RefitConfig())
@@ -88,6 +91,28 @@ def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -
             recipe = recipe.model_copy(update={"refit": None})
         convert(str(gguf), out, recipe, force=True)
     return out
+
+
+def finetune_like_dagkl(base: Path, out: Path, gguf: Path, args) -> None:
+    """Every weight but the routers trained by dot+dagkl's end-to-end step: same windows, order, epochs and schedule,
+    KL only; lr 1e-4 (heal's default for whole-model training; 1e-3 suits the aggregators, which start at zero)."""
+    from moeconv.calib.capture import tokenize_windows
+    from moeconv.calib.sources import load_text
+    from moeconv.dag.end_to_end import DagEndToEndConfig, end_to_end_heal_config, epoch_order, split_windows
+    from moeconv.heal import heal, write_like_student
+    from moeconv.io.load import load_model, load_tokenizer
+    from moeconv.io.writer import PartialOutput
+
+    student, teacher = load_model(base, "float32", "cpu"), load_model(gguf, "float32", "cpu")
+    windows = tokenize_windows(load_tokenizer(base), load_text("shakespeare"), args.calib_tokens, 512)
+    config = DagEndToEndConfig(lr=1e-4)
+    train, _held = split_windows(windows, config.holdout_fraction)
+    order = epoch_order(train.shape[0], config.epochs, config.batch, args.seed)
+    heal(student, teacher, None, end_to_end_heal_config(train, order, config, args.seed), windows=train[order],
+         device="cpu", resume=False)
+    partial = PartialOutput(out, "ftkl", resume=False, force=True)
+    write_like_student(student, base, partial)
+    partial.finalize()
 
 
 def main() -> None:

@@ -39,6 +39,25 @@ def split_windows(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
     return windows[:-held], windows[-held:]
 
 
+def epoch_order(windows: int, epochs: int, batch: int, seed: int) -> torch.Tensor:
+    """Window indices for `epochs` shuffled passes, cut to whole steps of `batch`."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(windows, generator=generator) for _ in range(epochs)])
+    return order[: order.numel() // batch * batch]
+
+
+def end_to_end_heal_config(train: torch.Tensor, order: torch.Tensor, config: DagEndToEndConfig, seed: int):
+    """The HealConfig of this step: KL only, routers fixed, no decay, warm-up then cosine to 0."""
+    from moeconv.heal import HealConfig
+
+    batch = min(config.batch, train.shape[0])
+    return HealConfig(
+        tokens=order.numel() * train.shape[1], seqlen=train.shape[1], batch=batch,
+        micro_batch=min(config.micro_batch, batch), lr=config.lr, freeze_router=True, weight_decay=0.0,
+        kl_weight=1.0, ce_weight=0.0, warmup=0.1, min_lr_ratio=0.0, checkpoint_every=0, seed=seed,
+    )
+
+
 def aggregator_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if ".dag." in f".{name}"}
 
@@ -58,24 +77,17 @@ def distill_end_to_end(
     The last windows are held out: if the held-out KL does not drop, the aggregators are put back as they were
     (kept 0), so this step never makes the model worse on text it did not train on.
     """
-    from moeconv.heal import HealConfig, distill_metrics, heal
+    from moeconv.heal import distill_metrics, heal
 
     train, held = split_windows(windows, config.holdout_fraction)
-    batch = min(config.batch, train.shape[0])
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(train.shape[0], generator=generator) for _ in range(config.epochs)])
-    order = order[: order.numel() // batch * batch]  # whole steps only
+    order = epoch_order(train.shape[0], config.epochs, min(config.batch, train.shape[0]), seed)
     trained = aggregator_parameters(student)
     if not trained:
         raise DataError("the model has no DAG aggregator to train; attach one first (moeconv dag)")
     start = {name: p.detach().clone() for name, p in trained.items()}
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     before = distill_metrics(student, teacher, held)
-    heal_config = HealConfig(
-        tokens=order.numel() * train.shape[1], seqlen=train.shape[1], batch=batch,
-        micro_batch=min(config.micro_batch, batch), lr=config.lr, freeze_router=True, weight_decay=0.0,
-        kl_weight=1.0, ce_weight=0.0, warmup=0.1, min_lr_ratio=0.0, checkpoint_every=0, seed=seed,
-    )
+    heal_config = end_to_end_heal_config(train, order, config, seed)
     try:
         for name, p in student.named_parameters():
             p.requires_grad_(name in trained)
