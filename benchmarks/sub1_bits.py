@@ -10,10 +10,13 @@ Per kind (expert gate/up/down, attention, other linears) and for all experts / a
 - iid: code bits per weight of the model's dictionary on i.i.d. letters drawn with the kind's letter frequencies
   (64 seeded rows of 16,384 letters, so row ends hardly count): what the code would reach without the real
   symbols' structure or any row/block ends;
+- lo/hi range: the largest ratio of a tensor's largest to smallest nonzero lo/hi magnitude (log8 layout), and
+  log8 err the worst relative rounding error that range allows (half a log step: expm1(ln(range) / 508));
 - codes / index / lo_hi: stored bits per weight of the code stream, of the offsets (every buffer that is not
-  codes, lo_hi or a dictionary) and of lo/hi; total = their sum; the shared dictionary is added only to the
-  "all experts" and "all linears" rows (stored once, charged in full to each of those scopes, as
-  provenance.json's `bits` does).
+  codes, lo/hi or a dictionary) and of lo/hi (bf16 `lo_hi`, or 8-bit `lo_hi_codes` plus the tensor's float32
+  `lo_hi_range`); total = their sum; the shared dictionary (its 9 int64 pair counts, or the whole table in older
+  checkpoints) is added only to the "all experts" and "all linears" rows (stored once, charged in full to each of
+  those scopes, as provenance.json's `bits` does).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moeconv.modeling.hf.quant_linear import decode_sub1, quant_modules
+from moeconv.modeling.hf.quant_linear import SUB1_PAIR_COUNTS_KEY, decode_sub1, quant_modules
 from moeconv.quant import sub1
 
 KINDS = ("expert gate", "expert up", "expert down", "attention", "other")
+LO_HI_BUFFERS = ("lo_hi", "lo_hi_codes", "lo_hi_range")
 
 
 def kind_of(name: str) -> str:
@@ -71,7 +75,9 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def measure(path: Path) -> dict:
     quant, tensors = load(path)
     modules = {n: f for n, f in quant_modules(quant).items() if f["format"] == "sub1"}
-    table = tensors[quant.get("sub1_dictionary") or "quant.sub1_dictionary"]
+    dictionary_key = quant.get("sub1_dictionary") or "quant.sub1_dictionary"
+    stored = tensors[dictionary_key]
+    table = sub1.build_dictionary(stored).table if dictionary_key == SUB1_PAIR_COUNTS_KEY else stored
     acc = defaultdict(lambda: defaultdict(float))
     letters = defaultdict(lambda: torch.zeros(9, dtype=torch.int64))
     for name, fmt in modules.items():
@@ -90,12 +96,15 @@ def measure(path: Path) -> dict:
             a[f"sym{s}"] += float(row_counts[:, s].sum())
         a["row_entropy_bits"] += entropy(row_counts) * rows * cols
         letters[kind] += torch.bincount(pairs.flatten(), minlength=9)
+        if "lo_hi_range" in buffers and buffers["lo_hi_range"][0] > 0:
+            smallest, largest = buffers["lo_hi_range"].tolist()
+            a["range"] = max(a["range"], largest / smallest)
         for buf, t in buffers.items():
             bits = t.numel() * t.element_size() * 8
-            slot = "codes" if buf == "codes" else "lo_hi" if buf == "lo_hi" else None if buf == "dictionary" else "index"
+            slot = "codes" if buf == "codes" else "lo_hi" if buf in LO_HI_BUFFERS else None if buf == "dictionary" else "index"
             if slot:
                 a[slot] += bits
-    dictionary_bits = table.numel() * table.element_size() * 8
+    dictionary_bits = stored.numel() * stored.element_size() * 8
     out = {"dictionary_bits": dictionary_bits, "dictionary_entries": table.numel(), "kinds": {}}
     scopes = {k: [k] for k in KINDS if k in acc}
     scopes["all experts"] = [k for k in acc if k.startswith("expert")]
@@ -115,6 +124,9 @@ def measure(path: Path) -> dict:
             "H row": sum(acc[k]["row_entropy_bits"] for k in kinds) / n,
             "iid": iid_code_rate(table, let),
         }
+        spread = max(acc[k]["range"] for k in kinds)
+        if spread:
+            row["lo/hi range"], row["log8 err"] = spread, math.expm1(math.log(spread) / 508)
         for slot in ("codes", "index", "lo_hi"):
             row[slot] = sum(acc[k][slot] for k in kinds) / w
         row["total"] = row["codes"] + row["index"] + row["lo_hi"]
@@ -131,9 +143,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(args.checkpoint)
-    cols = ["weights", "mean row length", "zeros", "lo share", "H sym", "H pair", "H row", "iid", "codes", "index",
-            "lo_hi", "dictionary", "total"]
-    print(f"dictionary: {result['dictionary_entries']} entries, {result['dictionary_bits']} bits")
+    cols = ["weights", "mean row length", "zeros", "lo share", "H sym", "H pair", "H row", "iid", "lo/hi range", "log8 err",
+            "codes", "index", "lo_hi", "dictionary", "total"]
+    print(f"dictionary: {result['dictionary_entries']} entries, {result['dictionary_bits']} bits stored")
     print("| kind | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for kind, row in result["kinds"].items():

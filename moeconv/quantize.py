@@ -34,7 +34,7 @@ from moeconv.io.adapters import adapter_for
 from moeconv.io.layout import output_config
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
-from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_DICTIONARY_KEY, buffer_specs
+from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor, QuantSpec
 from moeconv.quant.packing import format_dict, pack, stored_bits_of_format, unpack
@@ -278,7 +278,7 @@ def _pack_layer(result: LayerResult, prefix: str, recipe: QuantRecipe, tensors: 
         name = prefix + rel
         if q.spec.bits == "sub1":
             counts += sub1.pair_counts(q.codes)
-            q = QuantizedTensor(QuantSpec("ternary"), q.codes, lo_hi=q.lo_hi)
+            q = QuantizedTensor(QuantSpec("ternary"), q.codes, scales=q.scales, lo_hi=q.lo_hi)  # same log8 lo/hi
         packed = pack(q)
         tensors.update({f"{name}.{b}": t for b, t in packed.buffers.items()})
         entry["tensors"][name] = {**result.tensors[rel], "format": {**packed.fmt, "method": recipe.method},
@@ -296,7 +296,9 @@ def _mean_error(entry: dict) -> float:
 
 
 def _encode_sub1(partial: PartialOutput, names: list[str], metrics: dict, progress) -> None:
-    """Build the one shared dictionary from every layer's pair counts and re-encode the ternary buffers with it."""
+    """Build the one shared dictionary from every layer's pair counts and re-encode the ternary buffers with it.
+
+    Only the counts are stored (`quant.sub1_pair_counts`): the loader rebuilds the same table from them."""
     from safetensors.torch import load_file
 
     progress(ProgressEvent("building the sub1 dictionary"))
@@ -306,20 +308,21 @@ def _encode_sub1(partial: PartialOutput, names: list[str], metrics: dict, progre
     for s, shard in enumerate(names):
         tensors = load_file(str(partial.path / shard))
         pending = [n for n in fmts if f"{n}.qweight" in tensors]
-        if not pending and (s > 0 or SUB1_DICTIONARY_KEY in tensors):
+        if not pending and (s > 0 or SUB1_PAIR_COUNTS_KEY in tensors):
             continue  # already re-encoded by an interrupted run
         progress(ProgressEvent(f"sub1 encoding {shard}"))
         for name in pending:
             entry = fmts[name]
             ternary = {**entry["format"], "format": "ternary"}
-            q = unpack({"qweight": tensors.pop(f"{name}.qweight"), "lo_hi": tensors.pop(f"{name}.lo_hi")}, ternary)
-            packed = pack(QuantizedTensor(QuantSpec("sub1"), q.codes, lo_hi=q.lo_hi), dictionary, shared_dictionary=True)
+            q = unpack({b: tensors.pop(f"{name}.{b}") for b in buffer_specs(ternary)}, ternary)
+            packed = pack(QuantizedTensor(QuantSpec("sub1"), q.codes, scales=q.scales, lo_hi=q.lo_hi), dictionary,
+                          shared_dictionary=True)
             packed.buffers.pop("dictionary")
             tensors.update({f"{name}.{b}": t for b, t in packed.buffers.items()})
             entry["format"] = {**packed.fmt, "method": entry["format"]["method"]}
             entry["bits_per_weight"] = packed.bits_per_weight()
         if s == 0:
-            tensors[SUB1_DICTIONARY_KEY] = dictionary.table
+            tensors[SUB1_PAIR_COUNTS_KEY] = counts.to(torch.int64)
         partial.write_shard(shard, tensors)
     for name, entry in fmts.items():  # formats of shards finished by an interrupted run
         if entry["format"].get("num_codes") is None:
@@ -339,7 +342,8 @@ def _shard_of(partial: PartialOutput, names: list[str], key: str) -> str:
 
 
 def bits_summary(metrics: dict, dictionary_bits: int) -> dict:
-    """Bits per weight of all quantized linears and of the expert linears (shared sub1 dictionary included in both)."""
+    """Bits per weight of all quantized linears and of the expert linears (the shared sub1 dictionary's stored bits,
+    its 9 int64 pair counts, included in both)."""
     summary = {}
     for scope, keep in (("quantized_linears", lambda n: True), ("experts", lambda n: ".experts." in n)):
         entries = [t for m in metrics.values() for n, t in m["tensors"].items() if keep(n)]
@@ -369,7 +373,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
         "default": {"format": spec.format, "group_size": spec.group_size, "symmetric": spec.symmetric,
                     "float_zeros": spec.float_zeros},
         "modules": {n: t["format"] for m in metrics.values() for n, t in m["tensors"].items()},
-        "sub1_dictionary": SUB1_DICTIONARY_KEY if recipe.bits == "sub1" else None,
+        "sub1_dictionary": SUB1_PAIR_COUNTS_KEY if recipe.bits == "sub1" else None,  # the table's 9 pair counts
     }
     if plan.kind == "moe":
         config = json.loads((Path(reader.path) / "config.json").read_text())
@@ -382,7 +386,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
         if (hf / name).is_file():
             shutil.copyfile(hf / name, partial.path / name)
     partial.write_text("recipe.yaml", dump_recipe(recipe))
-    dictionary_bits = bytes_of.get(SUB1_DICTIONARY_KEY, 0) * 8
+    dictionary_bits = bytes_of.get(SUB1_PAIR_COUNTS_KEY, 0) * 8  # 9 x 64 bits: the table is rebuilt at load
     provenance = {
         "source": plan.source,
         "source_sha256": reader.fingerprint(),

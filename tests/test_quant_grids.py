@@ -1,10 +1,13 @@
 """Quantization grids: spec validation, RTN invariants, the QMoE ternary rule, dequantization."""
 
+import math
+
 import pytest
 import torch
 
 from moeconv.errors import RecipeError
-from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.modeling.hf.quant_linear import log8_levels
+from moeconv.quant.grids import QuantSpec, dequantize, find_params, log8_grid, make_quantized, quantize_rtn
 
 INT_SPECS = [QuantSpec(b, g, s, not s and fz) for b in (8, 4, 3, 2) for g in (-1, 16) for s in (False, True) for fz in (False, True)
              if not (s and fz)]
@@ -101,14 +104,47 @@ def test_ternary_rule_matches_qmoe_definition():
     w[4] = -w[4].abs()  # no positive weight: hi = 0
     w[5] = 0.0
     q = quantize_rtn(w, QuantSpec("ternary"))
-    lo = w.min(dim=1).values.clamp(max=0).bfloat16().float()
-    hi = w.max(dim=1).values.clamp(min=0).bfloat16().float()
-    assert torch.equal(q.lo_hi, torch.stack([lo, hi], dim=1))
-    expected = torch.where(w > hi[:, None] / 2, hi[:, None], torch.where(w < lo[:, None] / 2, lo[:, None], 0.0))
-    assert torch.equal(dequantize(q), expected)
+    raw = torch.stack([w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)], dim=1)  # [out, 2]
+    mags = raw.abs()
+    smallest, largest = mags[mags > 0].min().item(), mags.max().item()
+    assert q.scales.tolist() == [[smallest, largest]] * 11  # the tensor's magnitude range, on every row
+    # lo/hi: the log8 level nearest in log terms (relative error <= half a step), sign kept, 0 kept
+    levels = log8_levels(smallest, largest)[1:].double()  # [255]
+    nearest = levels[(levels.log()[None, None, :] - mags.double().clamp(min=1e-30).log()[..., None]).abs().argmin(dim=-1)]
+    expected = torch.where(mags > 0, nearest, 0.0) * torch.tensor([-1.0, 1.0], dtype=torch.float64) + 0.0
+    assert torch.equal(q.lo_hi.double(), expected)
+    half_step = math.log(largest / smallest) / 254 / 2
+    assert ((q.lo_hi.abs() / raw.abs()).log().abs()[mags > 0] <= half_step * (1 + 1e-6)).all()
+    assert q.lo_hi.abs().max() == largest and q.lo_hi.abs()[mags > 0].min() == smallest  # both ends exact
+    lo, hi = q.lo_hi[:, :1], q.lo_hi[:, 1:]
+    assert torch.equal(dequantize(q), torch.where(w > hi / 2, hi, torch.where(w < lo / 2, lo, 0.0)))  # thresholds at half
     assert set(q.codes.unique().tolist()) <= {0, 1, 2}
     assert not bool((q.codes[3] == 1).any()) and not bool((q.codes[4] == 2).any())
     assert bool((dequantize(q)[5] == 0).all())
+
+
+def test_log8_grid_is_per_tensor_and_idempotent():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(3, 20, 1, 50, generator=g) * torch.tensor([1.0, 10.0, 0.01])[:, None, None, None]  # [B, rows, 1, k]
+    lo, hi = find_params(w, QuantSpec("sub1"))  # as GPTQ calls it: one grid per batch entry
+    for b in range(3):
+        alone_lo, alone_hi = find_params(w[b], QuantSpec("sub1"))  # as quantize_rtn calls it
+        assert torch.equal(alone_lo, lo[b]) and torch.equal(alone_hi, hi[b])
+        q = make_quantized(torch.zeros(20, 50, dtype=torch.uint8), lo[b], hi[b], QuantSpec("sub1"))
+        rounded, mag_range = log8_grid(q.lo_hi)  # rounding levels again changes nothing: same grid, same values
+        assert torch.equal(rounded, q.lo_hi) and torch.equal(mag_range, q.scales[0])
+    assert not torch.equal(lo[0], lo[1] / 10)  # the batch entries have their own grids
+
+
+def test_log8_relative_error_is_half_a_step():
+    for spread in (10.0, 100.0):
+        mags = torch.logspace(0, math.log10(spread), 1000, dtype=torch.float64).float()  # [1000] in [1, spread]
+        rounded, mag_range = log8_grid(torch.stack([-mags, mags], dim=1))
+        assert mag_range.tolist() == [1.0, pytest.approx(spread)]
+        rel = (rounded[:, 1] / mags - 1).abs().max().item()
+        bound = math.expm1(math.log(spread) / 254 / 2)  # 10x: 0.45 %, 100x: 0.91 %
+        assert bound * 0.9 < rel <= bound * (1 + 1e-5)
+        assert torch.equal(rounded[:, 0], -rounded[:, 1])
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 8), QuantSpec(2, -1, True), QuantSpec("ternary")], ids=str)

@@ -21,8 +21,9 @@ from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.convert import convert
 from moeconv.errors import CheckpointError, DataError, RecipeError
 from moeconv.io.load import load_model
-from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY
-from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, SUB1_PAIR_COUNTS_KEY, QuantLinear, log8_levels
+from moeconv.quant import sub1
+from moeconv.quant.grids import QuantSpec, dequantize, find_params, quantize_rtn
 from moeconv.quant.packing import unpack
 from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import quantize
@@ -73,8 +74,10 @@ def _reference(src: Path, out: Path) -> torch.nn.Module:
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     table = None
     if quant["sub1_dictionary"]:
-        with safe_open(str(out / index[SUB1_DICTIONARY_KEY]), framework="pt") as h:
-            table = h.get_tensor(SUB1_DICTIONARY_KEY)
+        with safe_open(str(out / index[quant["sub1_dictionary"]]), framework="pt") as h:
+            table = h.get_tensor(quant["sub1_dictionary"])
+        if quant["sub1_dictionary"] == SUB1_PAIR_COUNTS_KEY:  # stored as its pair counts: rebuild the table
+            table = sub1.build_dictionary(table).table
     for name, fmt in quant["modules"].items():
         buffers = {}
         for key in [k for k in index if k.startswith(name + ".") and k.count(".") == name.count(".") + 1 and not k.endswith(".bias")]:
@@ -116,10 +119,54 @@ def test_round_trip_load_model_and_standalone(sources, tmp_path, source, bits):
     if bits == "sub1":
         with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as h:
             keys = list(h.keys())
-        assert keys.count(SUB1_DICTIONARY_KEY) == 1 and not any(k.endswith(".dictionary") for k in keys)
-        assert bits_info["bits_per_weight"] > 1.0  # tiny matrices: the shared 2^16-entry table dominates here
+        assert keys.count(SUB1_PAIR_COUNTS_KEY) == 1 and SUB1_DICTIONARY_KEY not in keys
+        assert not any(k.endswith(".dictionary") for k in keys)
+        assert provenance["quantization"]["sub1_dictionary_bits"] == 9 * 64  # the counts, not the 2^16-entry table
+        assert all(t["format"]["lo_hi"] == "log8" for t in per_tensor)
     else:  # intN: codes + an fp16 scale and a packed zero point per group of 8 (int3 pads rows to 8-value chunks)
         assert all(int(bits) + 2 + int(bits) / 8 <= t["bits_per_weight"] <= int(bits) + 2 + 1.5 for t in per_tensor)
+
+
+def _stacks(names: list[str]) -> list[list[str]]:
+    """Modules quantized as one GPTQ problem (same input: q/k/v; each expert's gate/up), in stacking order."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        parent, leaf = name.rsplit(".", 1)
+        stage = {"k_proj": "qkv", "v_proj": "qkv", "q_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf, leaf)
+        groups.setdefault((parent, stage), []).append(name)
+    order = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    return [sorted(g, key=lambda n: order.index(n.rsplit(".", 1)[1]) if n.rsplit(".", 1)[1] in order else 0) for g in groups.values()]
+
+
+def test_sub1_weights_are_the_log8_levels_gptq_used(sources, tmp_path):
+    recipe = _recipe(sources, bits="sub1")
+    quantize(str(sources["moe"]), tmp_path / "s", recipe)
+    quantize(str(sources["moe"]), tmp_path / "t", _recipe(sources, bits="ternary"))
+    src = load_model(sources["moe"], device="cpu", attn_implementation="eager")
+    sub, ter = (load_model(tmp_path / d, device="cpu", attn_implementation="eager") for d in ("s", "t"))
+    names = [n for n, m in sub.named_modules() if isinstance(m, QuantLinear)]
+    assert names and all(sub.get_submodule(n).fmt["lo_hi"] == "log8" for n in names)
+    stacks = _stacks(names)
+    assert any(len(g) == 3 for g in stacks) and any(len(g) == 2 for g in stacks)
+    for group in stacks:
+        # GPTQ takes a per-row grid from the stacked weights up front: find_params on them gives the levels it used
+        w = torch.cat([src.get_submodule(n).weight.detach().float() for n in group])  # [Σout, in]
+        lo, hi = find_params(w[:, None, :], QuantSpec("sub1"))  # [Σout, 1]
+        row = 0
+        for name in group:
+            module, ternary = sub.get_submodule(name), ter.get_submodule(name)
+            weight = module.dequantize_weight()  # [out, in]
+            rows = weight.shape[0]
+            lo_hi = torch.cat([lo[row : row + rows], hi[row : row + rows]], dim=1)  # [out, 2]
+            row += rows
+            smallest, largest = module.lo_hi_range.tolist()
+            levels = log8_levels(smallest, largest)
+            assert torch.equal(levels[module.lo_hi_codes.long()] * torch.tensor([-1.0, 1.0]) + 0.0, lo_hi), name
+            # every weight is its row's lo, 0 or hi, and sub1 decodes to exactly the plain ternary checkpoint
+            on_grid = (weight == 0) | (weight == lo_hi[:, :1]) | (weight == lo_hi[:, 1:])
+            assert bool(on_grid.all()) and bool((weight != 0).any()), name
+            assert torch.equal(weight, ternary.dequantize_weight()), name
+    assert sub.quant.table().numel() == sub.get_submodule(names[0]).fmt["dictionary_size"]
 
 
 @pytest.mark.parametrize("float_zeros", [False, True])

@@ -1,12 +1,13 @@
 """QMoE sub1 dictionary code: exact round trips, row blocks, Tunstall dictionary invariants, greedy parsing, rate."""
 
+import hashlib
 import math
 
 import pytest
 import torch
 
 from moeconv.errors import CheckpointError, RecipeError
-from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_LENGTH_SHIFT
+from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_LENGTH_SHIFT, build_sub1_table
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor, QuantSpec
 from moeconv.quant.packing import pack
@@ -200,18 +201,19 @@ def _rates(rows, zero_fraction, seed):
     """Bits per weight of a rows x 576 i.i.d. ternary matrix: (without dictionary, with a private one)."""
     symbols = _ternary(rows, 576, zero_fraction, torch.Generator().manual_seed(seed))
     lo_hi = torch.tensor([-1.0, 1.0]).expand(rows, 2)
-    packed = pack(QuantizedTensor(QuantSpec("sub1"), symbols, lo_hi=lo_hi))
+    mag_range = torch.tensor([1.0, 1.0]).expand(rows, 2)  # every magnitude 1: one log8 level
+    packed = pack(QuantizedTensor(QuantSpec("sub1"), symbols, scales=mag_range, lo_hi=lo_hi))
     assert SUB1_BLOCK_ROWS == packed.fmt["block_rows"] == 32  # the documented default
     index_bits = 32 * -(-rows // 32)
-    assert packed.stored_bits(False) == 16 * packed.fmt["num_codes"] + index_bits + 32 * rows
+    assert packed.stored_bits(False) == 16 * packed.fmt["num_codes"] + index_bits + 16 * rows + 64
     return packed.bits_per_weight(include_dictionary=False), packed.bits_per_weight()
 
 
 def test_rate_at_88_percent_zeros_on_a_1536x576_matrix():
-    # Codes alone are ~0.77 bits/weight; bf16 lo/hi add 32/576 = 0.056 and the int32 offset per block of 32 rows
+    # Codes alone are ~0.77 bits/weight; 8-bit lo/hi add 16/576 = 0.028 and the int32 offset per block of 32 rows
     # 1/576. A private ~2^16-entry table (64 bits/entry) would add 4.7: share it across tensors.
     without, with_table = _rates(1536, 0.88, seed=3)
-    assert without < 0.85
+    assert without < 0.82
     assert with_table == pytest.approx(without + 64 * 65529 / (1536 * 576))  # 9 + 8 x 8190 entries
 
 
@@ -219,3 +221,36 @@ def test_rate_falls_with_sparsity():
     values = [_rates(256, z, seed=4)[0] for z in (0.5, 0.8, 0.95)]
     assert values == sorted(values, reverse=True)
     assert values[0] < 2.0  # still better than 2-bit packing at 50 % zeros
+
+
+# Pair-letter counts of GPTQ-ternary SmolLM2 (8,4) and a small skewed vector -> sha256 of the little-endian int64 table.
+# Checkpoints store only the counts: a builder change that alters these tables would break every one of them.
+GOLDEN = [
+    ([11787563, 1016345, 1168050, 1023445, 94112, 104917, 1146826, 105318, 121133], 65529,
+     "064c40eb38783fd474aa3f4b9dffff0b4e0e9a8481f0645ab39bbd603767bb03"),
+    ([50, 3, 4, 2, 1, 1, 5, 1, 2], 65529, "dca6f4edc87e7416fc94ad927dc4dba082f061f76a709861f3c48c2e0e6f199e"),
+]
+
+
+@pytest.mark.parametrize(("counts", "size", "digest"), GOLDEN)
+def test_table_built_from_counts_is_golden(counts, size, digest):
+    table = build_sub1_table(counts)
+    assert table.dtype == torch.int64 and table.numel() == size
+    assert hashlib.sha256(table.numpy().astype("<i8").tobytes()).hexdigest() == digest
+
+
+def test_table_rebuilt_from_counts_decodes_what_was_encoded():
+    symbols = _ternary(70, 45, 0.85, torch.Generator().manual_seed(12))
+    counts = sub1.pair_counts(symbols)
+    used = sub1.build_dictionary(counts)
+    codes, _ = sub1.encode(symbols, used)
+    for rebuilt in (build_sub1_table(counts), build_sub1_table(counts.tolist()), sub1.build_dictionary(counts.clone()).table):
+        assert torch.equal(rebuilt, used.table)
+        assert torch.equal(sub1.decode(codes, sub1.Sub1Dictionary(rebuilt), 70, 45), symbols)
+
+
+def test_bad_counts_raise():
+    with pytest.raises(RecipeError, match="9 non-negative"):
+        sub1.build_dictionary(torch.ones(8))
+    with pytest.raises(RecipeError, match="9 non-negative"):
+        sub1.build_dictionary(torch.tensor([1, 1, 1, 1, -1, 1, 1, 1, 1]))

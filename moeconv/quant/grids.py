@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from moeconv.errors import RecipeError
+from moeconv.modeling.hf.quant_linear import LOG8_STEPS, log8_levels
 
 INT_BITS = (8, 4, 3, 2)
 TERNARY_FORMATS = ("ternary", "sub1")
@@ -15,7 +17,7 @@ FORMATS = tuple(f"int{b}" for b in INT_BITS) + TERNARY_FORMATS
 # Stored dtypes: these are also the precisions the grids round their parameters to, so that
 # what GPTQ measures while quantizing is exactly what the checkpoint later reproduces.
 SCALE_DTYPE = torch.float16
-LO_HI_DTYPE = torch.bfloat16
+LO_HI_DTYPE = torch.bfloat16  # the older ternary lo/hi storage; ternary grids now use 8-bit log codes (log8_grid)
 _SMALLEST_SCALE = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
 
 
@@ -87,7 +89,10 @@ class QuantizedTensor:
     codes: [out, in] uint8 — intN levels 0..2^b-1, or ternary symbols {0: 0, 1: lo, 2: hi}.
     scales: [out, n_groups] fp32 holding fp16 values (intN), else None.
     zeros: [out, n_groups] fp32 zero points (asymmetric intN): integers, or fp16 values with float_zeros; else None.
-    lo_hi: [out, 2] fp32 holding bf16 values (ternary), else None.
+    lo_hi: [out, 2] fp32 (lo, hi) per row (ternary), else None.
+    For ternary, `scales` is [out, 2]: the (smallest, largest) nonzero lo/hi magnitude of the tensor whose log8 grid
+    lo_hi lies on (the same on every row, so a row slice keeps it; see log8_grid), or None for bf16 lo_hi (older
+    checkpoints).
     """
 
     spec: QuantSpec
@@ -124,7 +129,8 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
 
     Both are fp32 [..., rows], already rounded to their stored precision. `clip` searches shrunk ranges (intN
     only); `col_weight`, broadcastable against `w` (e.g. diag(H) as [..., 1, k]), weights each column's squared
-    error in that search.
+    error in that search. Ternary lo/hi are rounded to the log8 grid of their tensor (log8_grid): a tensor is `w`
+    [..., rows, 1, k] (the group axis of size 1, as quantize_rtn and GPTQ pass it) or a plain [rows, k].
     """
     w = w.float()
     if spec.float_zeros:  # the exact range: no need for 0 to be a grid point
@@ -133,7 +139,8 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
         lo = w.amin(dim=-1).clamp(max=0.0)  # [..., rows]
         hi = w.amax(dim=-1).clamp(min=0.0)
     if spec.is_ternary:
-        return lo.to(LO_HI_DTYPE).float(), hi.to(LO_HI_DTYPE).float()
+        lo_hi, _ = log8_grid(torch.stack([lo, hi], dim=-1), tensor_dims=2 if w.dim() >= 3 and w.shape[-2] == 1 else 1)
+        return lo_hi[..., 0], lo_hi[..., 1]
     best = _grid_of_range(lo, hi, spec)
     if clip is None or clip.max_shrink == 0:
         return best
@@ -152,6 +159,42 @@ def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_
         best_err = torch.where(better, err, best_err)
         best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
     return best
+
+
+def log8_grid(lo_hi: Tensor, tensor_dims: int = 1) -> tuple[Tensor, Tensor]:
+    """Round lo/hi [..., *tensor, 2] (lo <= 0 <= hi) to their tensor's 8-bit log grid: (rounded lo_hi, magnitude range
+    [..., 2]). The last `tensor_dims` dims before the (lo, hi) axis form one tensor; leading dims are a batch.
+
+    Per tensor, magnitudes m > 0 become codes 1..255 on a geometric grid from the smallest to the largest magnitude
+    (log8_levels), to the nearest level in log terms (relative error <= half a step); 0 stays 0. Both extremes are
+    levels, so rounding the result again (or make_quantized finding the grid from it) gives the same grid.
+    """
+    mags = torch.stack([-lo_hi[..., 0], lo_hi[..., 1]], dim=-1).float().cpu()  # [..., *tensor, 2] magnitudes >= 0
+    batch_shape = mags.shape[: mags.dim() - tensor_dims - 1]  # (a few values per row: CPU, next to the Python table)
+    flat = mags.reshape(math.prod(batch_shape), -1)  # [tensors, n]
+    rounded, ranges = torch.empty_like(flat), torch.zeros(flat.shape[0], 2)
+    for t, m in enumerate(flat):
+        nonzero = m > 0
+        if not bool(nonzero.any()):
+            rounded[t] = 0.0
+            continue
+        smallest, largest = float(m[nonzero].min()), float(m.max())
+        step = (math.log(largest) - math.log(smallest)) / LOG8_STEPS
+        offset = (m.double().clamp(min=smallest).log() - math.log(smallest)) / step if step > 0 else torch.zeros_like(m.double())
+        codes = torch.where(nonzero, offset.round().clamp(0, LOG8_STEPS) + 1, 0).to(torch.uint8)  # [n]
+        ranges[t] = torch.tensor([smallest, largest])
+        rounded[t] = log8_levels(smallest, largest)[codes.long()]  # the decoder's table (log8_lo_hi)
+    signs = torch.tensor([-1.0, 1.0], device=lo_hi.device)
+    out = (rounded.reshape(mags.shape).to(lo_hi.device) * signs).add_(0.0)  # + 0.0: a zero lo is +0, not -0
+    return out, ranges.reshape(*batch_shape, 2).to(lo_hi.device)
+
+
+def _tensor_range(lo_hi: Tensor) -> Tensor:
+    """(smallest, largest) nonzero magnitude [2] of a tensor's lo_hi [rows, 2]; zeros when they are all 0."""
+    mags = lo_hi.abs().flatten()
+    if not bool((mags > 0).any()):
+        return torch.zeros(2, device=lo_hi.device)
+    return torch.stack([mags[mags > 0].min(), mags.max()]).float()
 
 
 def _grid_of_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -220,8 +263,9 @@ def quantize_rtn(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None) -> 
 
 def make_quantized(codes: Tensor, p0: Tensor, p1: Tensor, spec: QuantSpec) -> QuantizedTensor:
     """Wrap codes [out, in] and per-group parameters [out, n_groups] from find_params in a QuantizedTensor."""
-    if spec.is_ternary:
-        return QuantizedTensor(spec, codes, lo_hi=torch.stack([p0[:, 0], p1[:, 0]], dim=1))
+    if spec.is_ternary:  # lo/hi from find_params lie on their tensor's log8 grid, whose extremes they contain
+        lo_hi = torch.stack([p0[:, 0], p1[:, 0]], dim=1)  # [out, 2]
+        return QuantizedTensor(spec, codes, scales=_tensor_range(lo_hi).expand(lo_hi.shape[0], 2).clone(), lo_hi=lo_hi)
     return QuantizedTensor(spec, codes, scales=p0, zeros=None if spec.symmetric else p1)
 
 

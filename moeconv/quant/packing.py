@@ -9,13 +9,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moeconv.errors import CheckpointError
+from moeconv.errors import CheckpointError, RecipeError
 from moeconv.modeling.hf.quant_linear import (
     INT_BITS,
     SUB1_BLOCK_ROWS,
     buffer_specs,
     chunk_layout,
     decode_sub1,
+    lo_hi_of,
+    log8_levels,
     sub1_block_rows,
     sub1_index_name,
     unpack_bits,
@@ -74,7 +76,9 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 def format_dict(spec: QuantSpec, out_features: int, in_features: int) -> dict:
     """The format dict (without sub1's stream sizes) of a matrix quantized with `spec`."""
     fmt = {"format": spec.format, "in_features": in_features, "out_features": out_features}
-    if not spec.is_ternary:
+    if spec.is_ternary:
+        fmt["lo_hi"] = "log8"
+    else:
         fmt.update(group_size=spec.group_size, symmetric=spec.symmetric)
         if spec.float_zeros:
             fmt["float_zeros"] = True
@@ -89,15 +93,14 @@ def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shar
     out_features, in_features = q.shape
     fmt = format_dict(spec, out_features, in_features)
     if spec.is_ternary:
-        assert q.lo_hi is not None
-        lo_hi = q.lo_hi.to(LO_HI_DTYPE)
+        lo_hi = _lo_hi_buffers(q, fmt)
         if spec.bits == "ternary":
-            return PackedWeight(fmt, {"qweight": pack_bits(q.codes, 2), "lo_hi": lo_hi})
+            return PackedWeight(fmt, {"qweight": pack_bits(q.codes, 2), **lo_hi})
         dictionary = dictionary or sub1.build_dictionary(sub1.pair_counts(q.codes))
         codes, block_offsets = sub1.encode(q.codes, dictionary, block_rows)
         fmt.update(num_codes=codes.numel(), dictionary_size=dictionary.size, shared_dictionary=shared_dictionary,
                    block_rows=block_rows)
-        buffers = {"codes": codes, "block_offsets": block_offsets, "lo_hi": lo_hi, "dictionary": dictionary.table}
+        buffers = {"codes": codes, "block_offsets": block_offsets, **lo_hi, "dictionary": dictionary.table}
         return PackedWeight(fmt, buffers)
     assert q.scales is not None
     bits = int(spec.bits)
@@ -107,6 +110,31 @@ def pack(q: QuantizedTensor, dictionary: sub1.Sub1Dictionary | None = None, shar
     elif q.zeros is not None:
         buffers["qzeros"] = pack_bits(q.zeros.to(torch.uint8), bits)
     return PackedWeight(fmt, buffers)
+
+
+def _lo_hi_buffers(q: QuantizedTensor, fmt: dict) -> dict[str, Tensor]:
+    """Stored lo/hi of a ternary matrix: 8-bit codes on the tensor's log grid (q.scales = its magnitude range, from
+    grids.find_params), or bf16 values when q carries no range (an older checkpoint being re-packed)."""
+    assert q.lo_hi is not None
+    if q.scales is None:
+        del fmt["lo_hi"]
+        return {"lo_hi": q.lo_hi.to(LO_HI_DTYPE)}
+    mag_range = q.scales[0].float() if q.scales.shape[0] else torch.zeros(2)  # [2] (smallest, largest)
+    if not bool((q.scales == mag_range).all()):
+        raise RecipeError("ternary rows of one tensor carry different lo/hi ranges; quantize the tensor as a whole")
+    return {"lo_hi_codes": log8_codes(q.lo_hi, mag_range), "lo_hi_range": mag_range.clone()}
+
+
+def log8_codes(lo_hi: Tensor, mag_range: Tensor) -> Tensor:
+    """uint8 [rows, 2] codes of |lo|, |hi| (lo_hi [rows, 2]) on the log8 grid of `mag_range` [2]; each value must be
+    exactly a level of that grid (grids.find_params makes them so), else RecipeError."""
+    levels = log8_levels(*mag_range.tolist())  # [256]
+    mags = torch.stack([-lo_hi[:, 0], lo_hi[:, 1]], dim=1).float().cpu().contiguous()  # [rows, 2]
+    codes = (torch.searchsorted(levels[1:], mags) + 1).clamp(max=levels.numel() - 1)
+    codes = torch.where(mags == 0, 0, codes)
+    if not torch.equal(levels[codes], mags):
+        raise RecipeError("ternary lo/hi are not levels of their tensor's log8 grid; make them with grids.find_params")
+    return codes.to(torch.uint8)
 
 
 def unpack(buffers: Mapping[str, Tensor], fmt: Mapping) -> QuantizedTensor:
@@ -129,13 +157,17 @@ def unpack(buffers: Mapping[str, Tensor], fmt: Mapping) -> QuantizedTensor:
         else:
             zeros = None if spec.symmetric else unpack_bits(buffers["qzeros"], spec.bits, scales.shape[1]).float()
         return QuantizedTensor(spec, unpack_bits(buffers["qweight"], spec.bits, cols), scales=scales, zeros=zeros)
-    lo_hi = buffers["lo_hi"].float()
+    try:
+        lo_hi = lo_hi_of(buffers, fmt)  # [rows, 2]
+    except ValueError as exc:
+        raise CheckpointError(f"quantized lo/hi buffers are corrupt ({exc}); re-run moeconv quantize") from None
+    mag_range = buffers["lo_hi_range"].float().expand(rows, 2).clone() if "lo_hi_range" in expected else None
     if name == "ternary":
-        return QuantizedTensor(QuantSpec("ternary"), unpack_bits(buffers["qweight"], 2, cols), lo_hi=lo_hi)
+        return QuantizedTensor(QuantSpec("ternary"), unpack_bits(buffers["qweight"], 2, cols), scales=mag_range, lo_hi=lo_hi)
     try:
         symbols = decode_sub1(buffers["codes"], buffers["dictionary"], rows, cols)
     except (ValueError, IndexError) as exc:
         raise CheckpointError(f"sub1 code stream is corrupt ({exc}); re-run moeconv quantize") from exc
     sub1.check_block_offsets(buffers["codes"], buffers["dictionary"], buffers[sub1_index_name(fmt)], rows, cols,
                              sub1_block_rows(fmt))
-    return QuantizedTensor(QuantSpec("sub1"), symbols, lo_hi=lo_hi)
+    return QuantizedTensor(QuantSpec("sub1"), symbols, scales=mag_range, lo_hi=lo_hi)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from moeconv.errors import CheckpointError, RecipeError
-from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_LENGTH_SHIFT, SUB1_MAX_PAIRS, decode_sub1
+from moeconv.modeling.hf.quant_linear import (
+    SUB1_BLOCK_ROWS,
+    SUB1_LENGTH_SHIFT,
+    SUB1_MAX_ENTRIES,
+    SUB1_MAX_PAIRS,
+    SUB1_NUM_LETTERS,
+    build_sub1_table,
+    decode_sub1,
+)
 
-NUM_PAIRS = 9  # ternary symbols {0, 1 = lo, 2 = hi} taken two at a time
-MAX_ENTRIES = 2**16  # codes are uint16
+NUM_PAIRS = SUB1_NUM_LETTERS  # ternary symbols {0, 1 = lo, 2 = hi} taken two at a time
+MAX_ENTRIES = SUB1_MAX_ENTRIES  # codes are uint16
 
 
 def _pair_index(symbols: Tensor) -> Tensor:
@@ -52,44 +59,19 @@ class Sub1Dictionary:
 
 
 def build_dictionary(counts: Tensor, size: int = MAX_ENTRIES, max_pairs: int = SUB1_MAX_PAIRS) -> Sub1Dictionary:
-    """A Tunstall dictionary of at most `size` sequences of 1..max_pairs pair letters for i.i.d. letters with `counts` [9].
+    """A Tunstall dictionary of at most `size` sequences of 1..max_pairs pair letters for i.i.d. letters with `counts` [9]
+    (quant_linear.build_sub1_table, which checkpoints carry so that a loader can rebuild the table from the counts).
 
-    Codes 0..8 are the single letters (always present, so every row can be encoded). Then, best-first from a heap,
-    the most probable sequence shorter than max_pairs is expanded: all its children (one more letter, each letter
-    seen in `counts`) become entries, while a whole expansion still fits. Greedy longest-match parsing then stops
-    only at sequences that were not expanded and never depends on the letter after a code. (Adding the single most
-    probable sequences one at a time instead, as QMoE describes, makes the parse stop early whenever the next letter
-    is a missing child: measured on GPTQ-ternary symbols of SmolLM2 (8,4), 0.942 -> 0.912 code bits per weight on
-    expert down projections, 0.842 -> 0.829 on gate.) The set is prefix-closed, so parsing always succeeds.
+    Expanding a whole node at a time (all its children) rather than adding the single most probable sequences one at a
+    time, as QMoE describes, keeps the greedy parse from stopping early at a missing child: measured on GPTQ-ternary
+    symbols of SmolLM2 (8,4), 0.942 -> 0.912 code bits per weight on expert down projections, 0.842 -> 0.829 on gate.
     """
     if not NUM_PAIRS <= size <= MAX_ENTRIES or not 1 <= max_pairs <= SUB1_MAX_PAIRS:
         raise RecipeError(f"sub1 dictionary size {size} / max pairs {max_pairs} out of range; use <= {MAX_ENTRIES} / <= 14")
-    counts = [float(c) for c in counts.tolist()]
-    total = sum(counts)
-    probs = [c / total for c in counts] if total > 0 else [1.0 / NUM_PAIRS] * NUM_PAIRS
-    seen = [a for a in range(NUM_PAIRS) if probs[a] > 0]
-    nibble = [(a % 3) | ((a // 3) << 2) for a in range(NUM_PAIRS)]  # letter -> (s0, s1) bits in a table entry
-
-    entries = [nibble[a] | (1 << SUB1_LENGTH_SHIFT) for a in range(NUM_PAIRS)]
-    keys = [a + 1 for a in range(NUM_PAIRS)]  # lookup keys (see Sub1Dictionary.lookup), built alongside
-    # heap of expandable sequences: (-p, tiebreak, p, table bits, lookup key, pairs); ties expand the older first
-    heap = [(-probs[a], a, probs[a], nibble[a], a + 1, 1) for a in seen]
-    heapq.heapify(heap)
-    tiebreak = NUM_PAIRS
-    while heap and len(entries) + len(seen) <= size:
-        _, _, p, bits, key, length = heapq.heappop(heap)
-        if length >= max_pairs:
-            continue
-        for letter in seen:
-            child_bits = bits | (nibble[letter] << (4 * length))
-            child_key = key + (letter + 1) * 10**length
-            entries.append(child_bits | ((length + 1) << SUB1_LENGTH_SHIFT))
-            keys.append(child_key)
-            heapq.heappush(heap, (-p * probs[letter], tiebreak, p * probs[letter], child_bits, child_key, length + 1))
-            tiebreak += 1
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    lookup = (torch.tensor([keys[i] for i in order]), torch.tensor(order))
-    return Sub1Dictionary(torch.tensor(entries, dtype=torch.int64), lookup)
+    try:
+        return Sub1Dictionary(build_sub1_table(counts, size, max_pairs))
+    except ValueError as exc:
+        raise RecipeError(f"{exc}; pass sub1.pair_counts of the symbols") from None
 
 
 def _parse(letters: Tensor, dictionary: Sub1Dictionary) -> tuple[Tensor, Tensor]:

@@ -5,14 +5,16 @@ Formats and bit layouts are documented in docs/quant-formats.md. A module is des
     {"format": "int8"|"int4"|"int3"|"int2"|"ternary"|"sub1", "in_features": I, "out_features": O,
      "group_size": G or -1, "symmetric": bool,                         # intN only
      "num_codes": n, "dictionary_size": N, "shared_dictionary": bool,  # sub1 only
-     "block_rows": R}  # sub1: rows per code block (absent in checkpoints written before blocks: one row, `row_offsets`)
+     "block_rows": R,  # sub1: rows per code block (absent in checkpoints written before blocks: one row, `row_offsets`)
+     "lo_hi": "log8"}  # ternary/sub1: 8-bit lo/hi codes on a per-tensor log scale (absent: the older bf16 `lo_hi`)
 Other keys (e.g. "method") are ignored.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ FORMATS = (*INT_BITS, "ternary", "sub1")
 SUB1_MAX_PAIRS = 14  # pairs per dictionary entry: 28 symbols x 2 bits + a 4-bit length fit one int64
 SUB1_LENGTH_SHIFT = 56
 SUB1_BLOCK_ROWS = 32  # rows per sub1 code block: one int32 offset per block; codes may span rows inside a block
+SUB1_NUM_LETTERS = 9  # ternary symbols {0, 1 = lo, 2 = hi} taken two at a time
+SUB1_MAX_ENTRIES = 2**16  # codes are uint16
+LOG8_STEPS = 254  # lo/hi magnitude codes 1..255 span the tensor's [smallest, largest] magnitude in 254 log steps
 
 
 def chunk_layout(bits: int) -> tuple[int, int]:
@@ -83,6 +88,81 @@ def ternary_values(symbols: Tensor, lo_hi: Tensor) -> Tensor:
     return torch.where(symbols == 2, lo_hi[:, 1:], torch.where(symbols == 1, lo_hi[:, :1], zero))
 
 
+def log8_levels(smallest: float, largest: float) -> Tensor:
+    """float32 [256]: the magnitude of each 8-bit lo/hi code of a tensor whose nonzero lo/hi magnitudes span
+    [smallest, largest]. Code 0 is 0; codes 1..255 are geometric from `smallest` (code 1) to `largest` (code 255),
+    both exact, so the grid of a set of levels can be found again from its own extremes.
+
+    Computed with Python floats (one libm exp per level, rounded once to float32) so that the quantizer's grid and
+    every decoder agree bit for bit whatever the device or tensor shape."""
+    if not (math.isfinite(smallest) and math.isfinite(largest) and 0 <= smallest <= largest):
+        raise ValueError(f"lo/hi magnitude range ({smallest}, {largest}) is invalid; expected 0 <= smallest <= largest")
+    if smallest == 0:  # a tensor whose lo and hi are all 0
+        if largest != 0:
+            raise ValueError(f"lo/hi magnitude range ({smallest}, {largest}) is invalid; the smallest magnitude is > 0")
+        return torch.zeros(LOG8_STEPS + 2, dtype=torch.float32)
+    start = math.log(smallest)
+    step = (math.log(largest) - start) / LOG8_STEPS
+    inner = [math.exp(start + k * step) for k in range(1, LOG8_STEPS)]
+    return torch.tensor([0.0, smallest, *inner, largest], dtype=torch.float32)
+
+
+def log8_lo_hi(codes: Tensor, mag_range: Tensor) -> Tensor:
+    """fp32 lo_hi [rows, 2] from 8-bit magnitude codes [rows, 2] (uint8) and the tensor's range [2] (float32):
+    lo = -level(code 0), hi = +level(code 1)."""
+    smallest, largest = mag_range.tolist()
+    levels = log8_levels(smallest, largest).to(codes.device)[codes.long()]  # [rows, 2]
+    return (levels * torch.tensor([-1.0, 1.0], device=codes.device)).add_(0.0)  # + 0.0: a zero lo is +0, not -0
+
+
+def lo_hi_of(buffers: Mapping[str, Tensor], fmt: Mapping) -> Tensor:
+    """fp32 lo_hi [rows, 2] of a ternary/sub1 module: decoded from `lo_hi_codes`/`lo_hi_range` (log8), or bf16 `lo_hi`."""
+    if fmt.get("lo_hi") == "log8":
+        return log8_lo_hi(buffers["lo_hi_codes"], buffers["lo_hi_range"])
+    return buffers["lo_hi"].float()
+
+
+def _lo_hi_specs(fmt: Mapping, rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    layout = fmt.get("lo_hi", "bf16")
+    if layout == "log8":
+        return {"lo_hi_codes": ((rows, 2), torch.uint8), "lo_hi_range": ((2,), torch.float32)}
+    if layout == "bf16":
+        return {"lo_hi": ((rows, 2), torch.bfloat16)}
+    raise ValueError(f"unknown lo/hi layout {layout!r}; expected 'log8' or 'bf16'")
+
+
+def build_sub1_table(counts: Sequence[int] | Tensor, size: int = SUB1_MAX_ENTRIES, max_pairs: int = SUB1_MAX_PAIRS) -> Tensor:
+    """The sub1 decode table (int64 [N], N <= size): a Tunstall dictionary of 1..max_pairs pair letters for i.i.d.
+    letters with `counts` [9]. A deterministic function of the counts, so a checkpoint may store only them.
+
+    Codes 0..8 are the single letters (always present, so every row can be encoded). Then, best-first from a heap,
+    the most probable sequence shorter than max_pairs is expanded: all its children (one more letter, each letter
+    seen in `counts`) become entries, while a whole expansion still fits. Bit-for-bit reproducible: Python floats
+    (IEEE double: the same products on every platform) and a heap whose ties are broken by creation order.
+    """
+    counts = [float(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+    if len(counts) != SUB1_NUM_LETTERS or not all(c >= 0 for c in counts):
+        raise ValueError(f"sub1 pair counts must be {SUB1_NUM_LETTERS} non-negative numbers, got {counts}")
+    total = sum(counts)
+    probs = [c / total for c in counts] if total > 0 else [1.0 / SUB1_NUM_LETTERS] * SUB1_NUM_LETTERS
+    seen = [a for a in range(SUB1_NUM_LETTERS) if probs[a] > 0]
+    nibble = [(a % 3) | ((a // 3) << 2) for a in range(SUB1_NUM_LETTERS)]  # letter -> (s0, s1) bits of an entry
+    entries = [nibble[a] | (1 << SUB1_LENGTH_SHIFT) for a in range(SUB1_NUM_LETTERS)]
+    heap = [(-probs[a], a, probs[a], nibble[a], 1) for a in seen]  # (-p, tiebreak, p, entry bits, pairs)
+    heapq.heapify(heap)
+    tiebreak = SUB1_NUM_LETTERS  # unique: equal probabilities expand the older sequence first
+    while heap and len(entries) + len(seen) <= size:
+        _, _, p, bits, length = heapq.heappop(heap)
+        if length >= max_pairs:
+            continue
+        for letter in seen:
+            child_bits = bits | (nibble[letter] << (4 * length))
+            entries.append(child_bits | ((length + 1) << SUB1_LENGTH_SHIFT))
+            heapq.heappush(heap, (-p * probs[letter], tiebreak, p * probs[letter], child_bits, length + 1))
+            tiebreak += 1
+    return torch.tensor(entries, dtype=torch.int64)
+
+
 def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every stored buffer of a format dict."""
     name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
@@ -96,7 +176,7 @@ def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
             specs["qzeros"] = ((rows, packed_bytes(n_groups, bits)), torch.uint8)
         return specs
     if name == "ternary":
-        return {"qweight": ((rows, packed_bytes(cols, 2)), torch.uint8), "lo_hi": ((rows, 2), torch.bfloat16)}
+        return {"qweight": ((rows, packed_bytes(cols, 2)), torch.uint8), **_lo_hi_specs(fmt, rows)}
     if name == "sub1":
         block_rows = sub1_block_rows(fmt)
         if block_rows < 1:
@@ -104,7 +184,7 @@ def buffer_specs(fmt: Mapping) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
         return {
             "codes": ((int(fmt["num_codes"]),), torch.uint16),
             sub1_index_name(fmt): ((-(-rows // block_rows),), torch.int32),
-            "lo_hi": ((rows, 2), torch.bfloat16),
+            **_lo_hi_specs(fmt, rows),
             "dictionary": ((int(fmt["dictionary_size"]),), torch.int64),
         }
     raise ValueError(f"unknown quantization format {name!r}; expected one of {FORMATS}")
@@ -114,10 +194,10 @@ def dequantize_buffers(buffers: Mapping[str, Tensor], fmt: Mapping) -> Tensor:
     """fp32 [out, in] weight from stored buffers."""
     name, rows, cols = fmt["format"], int(fmt["out_features"]), int(fmt["in_features"])
     if name == "ternary":
-        return ternary_values(unpack_bits(buffers["qweight"], 2, cols), buffers["lo_hi"])
+        return ternary_values(unpack_bits(buffers["qweight"], 2, cols), lo_hi_of(buffers, fmt))
     if name == "sub1":
         symbols = decode_sub1(buffers["codes"], buffers["dictionary"], rows, cols)
-        return ternary_values(symbols, buffers["lo_hi"])
+        return ternary_values(symbols, lo_hi_of(buffers, fmt))
     bits = INT_BITS[name]
     codes = unpack_bits(buffers["qweight"], bits, cols)  # [out, in]
     scales = buffers["scales"].float()  # [out, n_groups]
@@ -189,15 +269,43 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt['format']}{group}"
 
 
-SUB1_DICTIONARY_KEY = "quant.sub1_dictionary"  # state-dict key of the model's one shared sub1 table
+SUB1_DICTIONARY_KEY = "quant.sub1_dictionary"  # state-dict key of the model's one shared sub1 table (older checkpoints)
+SUB1_PAIR_COUNTS_KEY = "quant.sub1_pair_counts"  # ... or of its 9 pair-letter counts, from which the table is rebuilt
 
 
 class SharedDictionary(nn.Module):
-    """Holds the model's one sub1 decode table (int64 [N]) as a persistent buffer: `quant.sub1_dictionary`."""
+    """The model's one sub1 decode table (int64 [N]), stored either as its 9 pair-letter counts
+    (`quant.sub1_pair_counts`, the table rebuilt with build_sub1_table when first needed) or, in older checkpoints,
+    as the table itself (`quant.sub1_dictionary`)."""
 
-    def __init__(self, size: int, device=None):
+    def __init__(self, size: int, device=None, from_counts: bool = False):
         super().__init__()
-        self.register_buffer("sub1_dictionary", torch.zeros(size, dtype=torch.int64, device=device), persistent=True)
+        self.size, self.from_counts = size, from_counts
+        if from_counts:
+            self.register_buffer("sub1_pair_counts", torch.zeros(SUB1_NUM_LETTERS, dtype=torch.int64, device=device))
+            self._built: tuple[tuple, list[int], Tensor] | None = None  # (buffer identity, counts, table)
+        else:
+            self.register_buffer("sub1_dictionary", torch.zeros(size, dtype=torch.int64, device=device), persistent=True)
+
+    def table(self) -> Tensor:
+        if not self.from_counts:
+            return self.sub1_dictionary
+        counts = self.sub1_pair_counts
+        identity = (id(counts), counts._version, counts.device)  # changes when loading or .to() replaces/fills it
+        if self._built is not None and self._built[0] == identity:
+            return self._built[2]
+        values = [int(c) for c in counts.tolist()]
+        if self._built is not None and self._built[1] == values:
+            table = self._built[2].to(counts.device)
+        else:
+            if not any(values):
+                raise ValueError(f"{SUB1_PAIR_COUNTS_KEY} is all zeros: the checkpoint lacks it; re-run moeconv quantize")
+            table = build_sub1_table(values).to(counts.device)
+            if table.numel() != self.size:
+                raise ValueError(f"the sub1 table rebuilt from {SUB1_PAIR_COUNTS_KEY} has {table.numel()} entries, the config "
+                                 f"says {self.size}: the checkpoint is corrupt; re-run moeconv quantize")
+        self._built = (identity, values, table)
+        return table
 
 
 def quant_modules(quant: Mapping) -> dict[str, dict]:
@@ -219,7 +327,7 @@ class SharedDictionaryLinear(QuantLinear):
 
     @property
     def dictionary(self) -> Tensor:
-        return self.holder.sub1_dictionary
+        return self.holder.table()
 
     def attach_dictionary(self, table: Tensor) -> None:
         raise ValueError("this module reads the model's shared dictionary; load the table into model.quant instead")
@@ -233,13 +341,14 @@ def replace_with_quant_linear(model: nn.Module, quant: Mapping) -> nn.Module:
     """Swap every module named in `quant` (nn.Linear or transformers' Conv1D) for a QuantLinear of its format.
 
     sub1 modules with a shared dictionary read it from one SharedDictionary added to the model as `quant`
-    (state-dict key `quant.sub1_dictionary`).
+    (state-dict key `quant.sub1_pair_counts` when quant["sub1_dictionary"] names it, else the older `quant.sub1_dictionary`).
     """
     modules = quant_modules(quant)
     shared = [fmt for fmt in modules.values() if fmt["format"] == "sub1" and fmt.get("shared_dictionary")]
     holder = None
     if shared:
-        holder = SharedDictionary(int(shared[0]["dictionary_size"]))
+        from_counts = quant.get("sub1_dictionary") == SUB1_PAIR_COUNTS_KEY
+        holder = SharedDictionary(int(shared[0]["dictionary_size"]), from_counts=from_counts)
         model.add_module(SUB1_DICTIONARY_KEY.split(".")[0], holder)
     for name, fmt in modules.items():
         old = model.get_submodule(name)
