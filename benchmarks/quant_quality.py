@@ -8,7 +8,7 @@ Perplexity: GPTQ/WikiText protocol (moeconv.eval.perplexity): `shakespeare:heldo
 once, non-overlapping windows of 2048, the first --eval-tokens tokens only (stated in the table), fp32, CPU.
 Calibration: `shakespeare` (train split, disjoint from held-out), windows of 512. Group size 64 for every intN
 width: SmolLM2's 576 input features are not a multiple of 128. Bits per weight are of the quantized linears
-(codes, scales/zeros or lo/hi, row offsets, and the one shared sub1 dictionary), from provenance.json.
+(codes, scales/zeros or lo/hi, sub1 block offsets and the one shared sub1 dictionary, stored as its pair counts), from provenance.json.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ CONFIGS = {  # name -> recipe overrides (recipes: configs/gptq-int4.yaml, config
     "int3-gptq": {"bits": "3", "method": "gptq"},
     "int3-rtn": {"bits": "3", "method": "rtn"},
     "int2-gptq": {"bits": "2", "method": "gptq"},
-    "ternary-gptq": {"bits": "ternary", "method": "gptq", "damp": 0.1},
-    "sub1-gptq": {"bits": "sub1", "method": "gptq", "damp": 0.1},
+    "int2-rtn": {"bits": "2", "method": "rtn"},
+    "ternary-gptq": {"bits": "ternary", "method": "gptq", "damp": 1.0},  # damp: configs/qmoe-ternary.yaml's
+    "ternary-rtn": {"bits": "ternary", "method": "rtn"},
+    "sub1-gptq": {"bits": "sub1", "method": "gptq", "damp": 1.0},
 }
 
 
