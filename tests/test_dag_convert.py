@@ -46,18 +46,24 @@ def test_bad_dag_field():
         load_recipe(None, {"dag": {"width": 3}})
 
 
+def dense_and_moe(tmp_path, top_k: int, **dense_overrides):
+    """A tiny dense llama with a tokenizer, calibration text, and its (6, top_k) conversion: (dense, text, moe)."""
+    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2, **dense_overrides)
+    save_char_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text())
+    moe = tmp_path / "moe"
+    convert(str(src), moe, load_recipe(None, {"experts": 6, "top_k": top_k, "router": {"steps": 30},
+                                             "calibration": {"source": str(text), "tokens": 1024, "seqlen": 64}}))
+    return src, text, moe
+
+
 def test_dag_command_adds_aggregator(tmp_path):
     from typer.testing import CliRunner
 
     from moeconv.cli.app import app
 
-    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2)
-    save_char_tokenizer(src)
-    text = tmp_path / "calib.txt"
-    text.write_text(sample_text())
-    moe = tmp_path / "moe"
-    convert(str(src), moe, load_recipe(None, {"experts": 6, "top_k": 2, "router": {"steps": 30},
-                                             "calibration": {"source": str(text), "tokens": 1024, "seqlen": 64}}))
+    src, text, moe = dense_and_moe(tmp_path, top_k=2)
     runner = CliRunner()
     common = ["--calib", str(text), "--calib-tokens", "1024", "--seqlen", "64", "--steps", "40", "--d-g", "8", "-q"]
     result = runner.invoke(app, ["dag", str(moe), str(tmp_path / "dag"), *common])
@@ -130,13 +136,7 @@ def test_dag_end_to_end_kl(tmp_path):
     from moeconv.dag.end_to_end import DagEndToEndConfig, distill_end_to_end
     from moeconv.heal import distill_metrics
 
-    src = build_dense("llama", tmp_path / "dense", num_hidden_layers=2, initializer_range=0.3)  # peaked logits: a real KL
-    save_char_tokenizer(src)
-    text = tmp_path / "calib.txt"
-    text.write_text(sample_text())
-    moe = tmp_path / "moe"
-    convert(str(src), moe, load_recipe(None, {"experts": 6, "top_k": 1, "router": {"steps": 30},
-                                             "calibration": {"source": str(text), "tokens": 1024, "seqlen": 64}}))
+    src, text, moe = dense_and_moe(tmp_path, top_k=1, initializer_range=0.3)  # peaked logits: a real KL to shrink
     runner = CliRunner()
     result = runner.invoke(app, ["dag", str(moe), str(tmp_path / "kl"), "--objective", "kl", "--epochs", "4", "--d-g", "8",
                                  "--calib", str(text), "--calib-tokens", "1024", "--seqlen", "64", "--json"])
