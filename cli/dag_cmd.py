@@ -55,11 +55,13 @@ def dag_command(
         emit_json({"out": str(out), **result})
     elif not quiet:
         layers, joint = result["layers"], result["end_to_end"]
-        before = sum(m["rel_error_before"] for m in layers.values()) / len(layers)
-        after = sum(m["rel_error_after"] for m in layers.values()) / len(layers)
-        line = f"wrote {out}: mean layer error {before:.3f} -> {after:.3f} on held-out calibration tokens"
+        parts = []
+        if "layer" in objective:
+            before = sum(m["rel_error_before"] for m in layers.values()) / len(layers)
+            after = sum(m["rel_error_after"] for m in layers.values()) / len(layers)
+            parts.append(f"mean layer error {before:.3f} -> {after:.3f} on held-out calibration tokens")
         if joint is not None:
             verdict = "kept" if joint["kept"] else "discarded: it did not lower the held-out KL"
-            line += (f"; end-to-end KL {joint['kl_before']:.4f} -> {joint['kl_trained']:.4f} on "
-                     f"{joint['holdout_windows']} held-out windows ({verdict})")
-        stdout.print(line)
+            parts.append(f"end-to-end KL {joint['kl_before']:.4f} -> {joint['kl_trained']:.4f} on "
+                         f"{joint['holdout_windows']} held-out calibration windows ({verdict})")
+        stdout.print(f"wrote {out}: " + "; ".join(parts))

@@ -170,6 +170,14 @@ def test_dag_end_to_end_kl(tmp_path):
     assert all(p.requires_grad for p in student.parameters())  # flags restored
     assert distill_metrics(student, teacher, windows[-1:])["kl"] == pytest.approx(trained["kl_after"])
 
+    both = runner.invoke(app, ["dag", str(moe), str(tmp_path / "both"), "--objective", "layer+kl", "--steps", "20", "--epochs", "1",
+                               "--d-g", "8", "--calib", str(text), "--calib-tokens", "1024", "--seqlen", "64"])
+    assert both.exit_code == 0, both.output
+    printed = " ".join(both.output.split())  # rich wraps long lines
+    assert "mean layer error" in printed and "end-to-end KL" in printed
+    trained_both = json.loads((tmp_path / "both" / "provenance.json").read_text())["dag"]
+    assert trained_both["end_to_end"]["epochs"] == 1 and len(trained_both["layers"]) == 2
+
     bad = runner.invoke(app, ["dag", str(moe), str(tmp_path / "bad"), "--objective", "kld", "-q"])
     assert bad.exit_code == 2 and "--objective" in bad.output and not (tmp_path / "bad").exists()
     with pytest.raises(RecipeError, match="end_to_end"):
