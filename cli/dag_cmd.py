@@ -56,7 +56,7 @@ def dag_command(
     elif not quiet:
         layers, joint = result["layers"], result["end_to_end"]
         parts = []
-        if "layer" in objective:
+        if layers:
             before = sum(m["rel_error_before"] for m in layers.values()) / len(layers)
             after = sum(m["rel_error_after"] for m in layers.values()) / len(layers)
             parts.append(f"mean layer error {before:.3f} -> {after:.3f} on held-out calibration tokens")

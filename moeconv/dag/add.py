@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import load_text
 from moeconv.convert import HF_FILES
-from moeconv.dag.distill import DagConfig, distill_dag
+from moeconv.dag.distill import DagConfig, attach_dag, distill_dag
 from moeconv.dag.end_to_end import distill_end_to_end
 from moeconv.errors import MoeconvError
 from moeconv.ffn import DenseFFN
@@ -104,7 +104,8 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     config = _check_source(src, force=force or resume)
     settings = DagConfig(**dag)
     moe = config["moe"]
-    dense_ffn = _dense_ffns(src, teacher, moe)
+    layer_local = settings.train.steps > 0 or settings.end_to_end is None  # end to end only: no per-layer step
+    dense_ffn = _dense_ffns(src, teacher, moe) if layer_local else None
     e2e_teacher = _teacher_path(src, teacher, "end-to-end distillation needs the dense teacher") if settings.end_to_end else None
     progress("tokenizing calibration text", None, 0)
     text = load_text(calibration.source, calibration.text_field)
@@ -115,21 +116,12 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     partial = PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force)
     model = load_model(src, dtype="float32", device=str(device))
     blocks = [model.get_submodule(moe["ffn_path"].format(i=i)) for i in moe["layers"]]
-    progress("capturing MoE inputs", None, len(blocks))
-    inputs = _capture_inputs(model, blocks, windows, device)
     metrics, new_tensors = {}, {}
-    for n, (i, block, x) in enumerate(zip(moe["layers"], blocks, inputs, strict=True)):
-        progress("dag", n, len(blocks))
-        block.dag = None
-        with torch.no_grad():
-            if dense_ffn is not None:
-                target = dense_ffn(i).to(device).forward(x.to(device))
-            else:  # without a refit, every expert summed is the dense FFN (scoring "none")
-                top_k, block.top_k = block.top_k, block.num_experts
-                target = block(x.to(device))
-                block.top_k = top_k
-        metrics[str(i)] = distill_dag(block, x.to(device), target, settings, torch.Generator().manual_seed(seed * 100003 + i))
-    del inputs
+    if layer_local:
+        metrics = _distill_layers(model, blocks, moe["layers"], windows, dense_ffn, settings, seed, device, progress)
+    else:  # every layer starts exactly neutral (W_up = 0): the joint step starts from the plain MoE
+        for i, block in zip(moe["layers"], blocks, strict=True):
+            attach_dag(block, settings, torch.Generator().manual_seed(seed * 100003 + i))
     joint = None
     if settings.end_to_end is not None:
         progress("loading the dense teacher", None, 0)
@@ -148,6 +140,27 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     _write(src, partial, config, settings, new_tensors, {"layers": metrics, "end_to_end": joint})
     partial.finalize()
     return {"layers": metrics, "end_to_end": joint}
+
+
+def _distill_layers(model: torch.nn.Module, blocks: list, layers: list[int], windows: torch.Tensor,
+                    dense_ffn: Callable[[int], DenseFFN] | None, settings: DagConfig, seed: int, device: torch.device,
+                    progress: Callable[[str, int | None, int], None]) -> dict:
+    """The layer-local step: each block's aggregator distilled to the dense FFN output on the block's own inputs."""
+    progress("capturing MoE inputs", None, len(blocks))
+    inputs = _capture_inputs(model, blocks, windows, device)
+    metrics = {}
+    for n, (i, block, x) in enumerate(zip(layers, blocks, inputs, strict=True)):
+        progress("dag", n, len(blocks))
+        block.dag = None
+        with torch.no_grad():
+            if dense_ffn is not None:
+                target = dense_ffn(i).to(device).forward(x.to(device))
+            else:  # without a refit, every expert summed is the dense FFN (scoring "none")
+                top_k, block.top_k = block.top_k, block.num_experts
+                target = block(x.to(device))
+                block.top_k = top_k
+        metrics[str(i)] = distill_dag(block, x.to(device), target, settings, torch.Generator().manual_seed(seed * 100003 + i))
+    return metrics
 
 
 def _write(src: Path, partial: PartialOutput, config: dict, settings: DagConfig, new: dict, metrics: dict) -> None:
