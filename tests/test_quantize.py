@@ -282,6 +282,38 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     assert files(out) == files(tmp_path / "reference")
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_resume_inside_the_sub1_reencode_is_byte_identical(sources, tmp_path, monkeypatch):
+    """A run stopped after re-encoding its first shard resumes with that shard's formats rebuilt from the files."""
+    import moeconv.quantize as quantize_module
+
+    recipe = _recipe(sources, bits="sub1", max_shard_size="4KB")
+    quantize(str(sources["llama"]), tmp_path / "reference", recipe)
+    real = quantize_module._encode_sub1
+
+    def stopped_after_one_shard(partial, names, metrics, progress):
+        assert len(names) > 1, "the test needs several shards"
+        write = partial.write_shard
+
+        def write_then_stop(shard, tensors):
+            write(shard, tensors)
+            raise _Killed
+
+        partial.write_shard = write_then_stop
+        real(partial, names, metrics, progress)
+
+    monkeypatch.setattr(quantize_module, "_encode_sub1", stopped_after_one_shard)
+    with pytest.raises(_Killed):
+        quantize(str(sources["llama"]), tmp_path / "out", recipe)
+    monkeypatch.setattr(quantize_module, "_encode_sub1", real)
+    quantize(str(sources["llama"]), tmp_path / "out", recipe, resume=True)
+    files = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}  # noqa: E731
+    assert files(tmp_path / "out") == files(tmp_path / "reference")
+
+
 class _Counted(torch.nn.Linear):
     calls = 0
 
