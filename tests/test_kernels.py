@@ -19,7 +19,11 @@ from moeconv.kernels import build, native, ops, reference
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# bf16 rounds the hidden activations (as torch's own bf16 reference does): measured normwise errors reach 9.7e-3
+# for torch and 1.2e-2 for the gather + GEMM path on the smallest CASES (300-400 fresh seeds each; a 1e-2 bound
+# failed ~1% of seeds on the 3x7 output). The fp32 runs of the same CASES (1e-5) are what catch logic errors: in
+# bf16 a single lost token among 130 moves the normwise error by only 2.1e-2.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 CPU_ISAS = native.available_cpu_isas()
 
 # (name, device, isa, path); path 0 = auto, 1 = weight streaming, 2 = gather + GEMM.
