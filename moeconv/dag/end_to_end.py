@@ -39,23 +39,21 @@ def split_windows(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
     return windows[:-held], windows[-held:]
 
 
-def epoch_order(windows: int, epochs: int, batch: int, seed: int) -> torch.Tensor:
-    """Window indices for `epochs` shuffled passes, cut to whole steps of `batch`."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(windows, generator=generator) for _ in range(epochs)])
-    return order[: order.numel() // batch * batch]
-
-
-def end_to_end_heal_config(train: torch.Tensor, order: torch.Tensor, config: DagEndToEndConfig, seed: int):
-    """The HealConfig of this step: KL only, routers fixed, no decay, warm-up then cosine to 0."""
+def training_plan(train: torch.Tensor, config: DagEndToEndConfig, seed: int):
+    """(training windows in step order [steps * batch, L], the HealConfig that trains on them): `epochs` shuffled
+    passes cut to whole steps; KL only, routers fixed, no decay, warm-up then cosine to 0."""
     from moeconv.heal import HealConfig
 
     batch = min(config.batch, train.shape[0])
-    return HealConfig(
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(train.shape[0], generator=generator) for _ in range(config.epochs)])
+    order = order[: order.numel() // batch * batch]
+    heal_config = HealConfig(
         tokens=order.numel() * train.shape[1], seqlen=train.shape[1], batch=batch,
         micro_batch=min(config.micro_batch, batch), lr=config.lr, freeze_router=True, weight_decay=0.0,
         kl_weight=1.0, ce_weight=0.0, warmup=0.1, min_lr_ratio=0.0, checkpoint_every=0, seed=seed,
     )
+    return train[order], heal_config
 
 
 def aggregator_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -80,18 +78,17 @@ def distill_end_to_end(
     from moeconv.heal import distill_metrics, heal
 
     train, held = split_windows(windows, config.holdout_fraction)
-    order = epoch_order(train.shape[0], config.epochs, min(config.batch, train.shape[0]), seed)
+    ordered, heal_config = training_plan(train, config, seed)
     trained = aggregator_parameters(student)
     if not trained:
         raise DataError("the model has no DAG aggregator to train; attach one first (moeconv dag)")
     start = {name: p.detach().clone() for name, p in trained.items()}
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     before = distill_metrics(student, teacher, held)
-    heal_config = end_to_end_heal_config(train, order, config, seed)
     try:
         for name, p in student.named_parameters():
             p.requires_grad_(name in trained)
-        result = heal(student, teacher, None, heal_config, progress=progress, windows=train[order], device=device, resume=False)
+        result = heal(student, teacher, None, heal_config, progress=progress, windows=ordered, device=device, resume=False)
     finally:
         for name, p in student.named_parameters():
             p.requires_grad_(flags[name])
