@@ -7,6 +7,7 @@ import typer
 from moeconv.cli.convert_cmd import convert_command
 from moeconv.cli.dag_cmd import dag_command
 from moeconv.cli.eval_cmd import eval_command
+from moeconv.cli.export_cmd import export_command
 from moeconv.cli.heal_cmd import heal_command
 from moeconv.cli.info_cmds import env_command, inspect_command
 from moeconv.cli.quantize_cmd import quantize_command
@@ -23,6 +24,7 @@ app.command("quantize")(quantize_command)
 app.command("eval")(eval_command)
 app.command("dag")(dag_command)
 app.command("heal")(heal_command)
+app.command("export")(export_command)
 app.command("inspect")(inspect_command)
 app.command("env")(env_command)
 
