@@ -109,9 +109,9 @@ def finetune_like_dagkl(base: Path, out: Path, gguf: Path, args) -> None:
     train, _held = split_windows(windows, config.holdout_fraction)
     ordered, heal_config = training_plan(train, config, args.seed)
     heal(student, teacher, None, heal_config, windows=ordered, device="cpu", resume=False)
-    partial = PartialOutput(out, "ftkl", resume=False, force=True)
-    write_like_student(student, base, partial)
-    partial.finalize()
+    with PartialOutput(out, "ftkl", resume=False, force=True) as partial:
+        write_like_student(student, base, partial)
+        partial.finalize()
 
 
 def main() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
-import json
 import logging
 import resource
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -17,6 +20,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from moeconv.errors import MoeconvError
+from moeconv.io.files import strict_json, write_error
 
 console = Console(stderr=True)
 stdout = Console()
@@ -39,21 +43,51 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that partial files are cleaned up as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+# A failed write the user can fix (disk, permissions, read-only mount) is one line, wherever it happens.
+_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+
+
 def guarded(fn: Callable) -> Callable:
-    """User mistakes become one line on stderr and exit code 2; never a traceback."""
+    """User mistakes become one line on stderr and exit code 2; never a traceback.  SIGINT exits 130, SIGTERM 143,
+    both keeping OUT.partial for --resume."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except MoeconvError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _error_line(str(err))
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in _USER_FIXABLE_ERRNOS:
+                raise
+            _error_line(str(write_error(Path(err.filename or "."), err)))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue")
             raise typer.Exit(130) from None
+        except Terminated:
+            console.print("[yellow]terminated[/] (SIGTERM): rerun the same command with --resume to continue")
+            raise typer.Exit(143) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
 
 
 # Per-layer metrics shown when a layer is done: FFN output error vs dense with the trained router (held-out
@@ -63,11 +97,30 @@ LAYER_METRICS = (("rel_error", "err"), ("refit_error_before", "refit"), ("refit_
                  ("router_recall", "recall"), ("load_max_over_mean", "load max/mean"))
 
 
+def _label(event) -> str:
+    label = event.stage if event.layer is None else f"(layer {event.layer + 1}/{event.layers}) {event.stage}"
+    if event.stage == "done" and event.metrics:
+        label += "".join(f", {short} {event.metrics[key]:.3f}" for key, short in LAYER_METRICS if key in event.metrics)
+    return label
+
+
+def live_progress() -> bool:
+    """Bars are redrawn in place only on a terminal; a log file gets plain lines instead of frames."""
+    return console.is_terminal
+
+
 @contextmanager
 def layer_progress(enabled: bool):
-    """A progress callback rendering `(layer i/N) stage` and peak memory."""
+    """A progress callback rendering `(layer i/N) stage` and peak memory (plain lines for finished layers off a terminal)."""
     if not enabled:
         yield lambda event: None
+        return
+    if not live_progress():
+        def line(event) -> None:
+            if event.layer is None or event.stage == "done":
+                console.print(f"{_label(event)} (peak {peak_rss_gib():.2f} GiB)", highlight=False, soft_wrap=True)
+
+        yield line
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("peak {task.fields[peak]:.2f} GiB")]
@@ -75,10 +128,7 @@ def layer_progress(enabled: bool):
         task = bar.add_task("starting", total=None, peak=peak_rss_gib())
 
         def update(event) -> None:
-            label = event.stage if event.layer is None else f"(layer {event.layer + 1}/{event.layers}) {event.stage}"
-            if event.stage == "done" and event.metrics:
-                label += "".join(f", {short} {event.metrics[key]:.3f}" for key, short in LAYER_METRICS if key in event.metrics)
-            fields = {"description": label, "peak": peak_rss_gib()}
+            fields = {"description": _label(event), "peak": peak_rss_gib()}
             if event.layers:
                 fields["total"] = event.layers
             if event.stage == "done" and event.layer is not None:
@@ -97,4 +147,4 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 def emit_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(strict_json(data, sort_keys=False) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -11,16 +10,16 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moeconv.cli.common import console, emit_json, guarded, setup_logging, stdout
-from moeconv.eval.compare import compare, is_results_file, load_results, results_document
+from moeconv.cli.common import console, emit_json, guarded, live_progress, setup_logging, stdout
+from moeconv.eval.compare import compare, is_results_file, load_results, results_document, save_document
 from moeconv.eval.perplexity import DEFAULT_DATA, EvalResult, EvalSettings, evaluate_model
 from moeconv.eval.report import human, ratio, short_name, write_report
 
 
 @contextmanager
 def _stage_progress(enabled: bool):
-    """A progress callback (stage, done, total) rendering one bar per stage and model."""
-    if not enabled:
+    """A progress callback (stage, done, total) rendering one bar per stage and model (none off a terminal)."""
+    if not (enabled and live_progress()):
         yield lambda label: (lambda stage, done, total: None)
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn()]
@@ -139,7 +138,7 @@ def eval_command(
     if to_stdout:
         emit_json(document)
     elif json_file:
-        Path(json_file).write_text(json.dumps(document, indent=2) + "\n")
+        save_document(json_file, document)
     if report is not None:
         path = write_report(results, report)
         if not quiet:

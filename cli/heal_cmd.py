@@ -13,7 +13,7 @@ import typer
 import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moeconv.cli.common import console, emit_json, guarded, setup_logging, stdout
+from moeconv.cli.common import console, emit_json, guarded, live_progress, setup_logging, stdout
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.heal import HealEvent, distill_metrics, heal, heal_config, write_like_student
 from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
@@ -83,36 +83,36 @@ def heal_command(
     moe = is_moeconv_checkpoint(student_dir)
     if moe and json.loads((student_dir / "config.json").read_text()).get("moe", {}).get("quant"):
         raise RecipeError(f"{student} is quantized; heal the unquantized MoE, then quantize it")
-    partial = PartialOutput(out, _fingerprint(student, teacher, config.model_dump_json()), resume=resume, force=force)
-    try:
-        tokenizer = load_tokenizer(student)
-    except CheckpointError:
-        tokenizer = load_tokenizer(teacher)
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(student, "float32", dev)
-    dense = load_model(teacher, "float32", dev)
+    with PartialOutput(out, _fingerprint(student, teacher, config.model_dump_json()), resume=resume, force=force) as partial:
+        try:
+            tokenizer = load_tokenizer(student)
+        except CheckpointError:
+            tokenizer = load_tokenizer(teacher)
+        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(student, "float32", dev)
+        dense = load_model(teacher, "float32", dev)
 
-    evals = {}
-    held = None
-    if eval_tokens:
-        from moeconv.calib.capture import tokenize_windows
-        from moeconv.calib.sources import load_text
+        evals = {}
+        held = None
+        if eval_tokens:
+            from moeconv.calib.capture import tokenize_windows
+            from moeconv.calib.sources import load_text
 
-        held = tokenize_windows(tokenizer, load_text(eval_source), eval_tokens, config.seqlen)
-        evals["before"] = distill_metrics(model, dense, held)
-    with _steps_bar(not (quiet or json_out)) as progress:
-        metrics = heal(model, dense, tokenizer, config, partial.path / CHECKPOINT, progress, device=dev, resume=resume)
-    if held is not None:
-        evals["after"] = distill_metrics(model, dense, held)
-    if moe or (student_dir.is_dir() and any(student_dir.glob("*.safetensors"))):
-        write_like_student(model, student_dir, partial)
-    else:  # a .gguf or .bin dense student: written as a transformers folder
-        model.save_pretrained(partial.path)
-        tokenizer.save_pretrained(partial.path)
-    summary = {k: v for k, v in metrics.items() if k != "history"}
-    partial.write_text("heal.json", json.dumps({**metrics, "teacher": teacher, "student": student, "eval": evals}, indent=1) + "\n")
-    shutil.rmtree(partial.path / CHECKPOINT, ignore_errors=True)
-    partial.finalize()
+            held = tokenize_windows(tokenizer, load_text(eval_source), eval_tokens, config.seqlen)
+            evals["before"] = distill_metrics(model, dense, held)
+        with _steps_bar(not (quiet or json_out)) as progress:
+            metrics = heal(model, dense, tokenizer, config, partial.path / CHECKPOINT, progress, device=dev, resume=resume)
+        if held is not None:
+            evals["after"] = distill_metrics(model, dense, held)
+        if moe or (student_dir.is_dir() and any(student_dir.glob("*.safetensors"))):
+            write_like_student(model, student_dir, partial)
+        else:  # a .gguf or .bin dense student: written as a transformers folder
+            partial.write_saved(model.save_pretrained)
+            partial.write_saved(tokenizer.save_pretrained)
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        partial.write_json("heal.json", {**metrics, "teacher": teacher, "student": student, "eval": evals})
+        shutil.rmtree(partial.path / CHECKPOINT, ignore_errors=True)
+        partial.finalize()
     if json_out:
         emit_json({"out": str(out), **summary, "eval": evals})
     elif not quiet:
@@ -130,7 +130,7 @@ class _steps_bar:
     """A progress callback drawing steps, loss and per-group gradient norms."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
+        self.enabled = enabled and live_progress()  # no frames in a log file
 
     def __enter__(self):
         if not self.enabled:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -16,17 +15,18 @@ from pydantic import BaseModel
 
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.errors import CheckpointError, MoeconvError, RecipeError
+from moeconv.errors import MoeconvError, RecipeError
 from moeconv.io.adapters import FamilyAdapter, adapter_for
+from moeconv.io.files import write_error
 from moeconv.io.layout import LayerLayout, moe_settings, output_config
+from moeconv.io.load import load_tokenizer, save_tokenizer_files
 from moeconv.io.readers import CheckpointReader, open_checkpoint
-from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
+from moeconv.io.writer import PartialOutput, check_out_path, plan_shards, shard_name
 from moeconv.partition import get_partitioner
 from moeconv.recipe import ConvertRecipe, dump_recipe, parse_size
 from moeconv.stages import LayerContext, build_block, run_layer_stages
 
 log = logging.getLogger(__name__)
-HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
 HEAL_STATE = "heal-state"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,13 +80,6 @@ def _check_paths(src: str, out: Path) -> None:
         raise MoeconvError(f"OUT {out} overlaps the source {src}; choose an OUT outside the source so the input stays untouched")
 
 
-def _check_weights_finite(reader: CheckpointReader, names: list[str]) -> None:
-    for name in names:
-        t = reader.get(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"source tensor '{name}' contains NaN or Inf; fix the source checkpoint first")
-
-
 def _output_dtype(recipe: ConvertRecipe, reader: CheckpointReader) -> str:
     if recipe.dtype != "auto":
         return recipe.dtype
@@ -126,7 +119,7 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0] + refit_bytes
     stages = [f"partition ({recipe.partition.method})"]
     if calib:
-        stages += [name for name, on in (("router", recipe.train_router), ("refit", recipe.refits),
+        stages += [name for name, on in (("router", recipe.trains_router), ("refit", recipe.refits),
                                          ("dag", recipe.dag is not None)) if on]
     if recipe.heal is not None:
         stages.append("heal")
@@ -162,35 +155,32 @@ def convert(
     out = Path(out)
     _check_paths(src, out)
     progress(ProgressEvent("reading source"))
-    reader = open_checkpoint(src)
-    adapter = adapter_for(reader.config)
+    reader = open_checkpoint(src, validate=False)
+    adapter = adapter_for(reader.config)  # an unsupported family is named as such, before its tensors are checked
+    reader.validate()
     plan, layout = make_plan(src, reader, adapter, recipe)
     if dry_run:
         return plan
+    check_out_path(out)
     if out.exists() and not force:
         raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
-    _check_weights_finite(reader, [n for i in range(plan.layers) for n in adapter.ffn_tensor_names(i, reader.config)])
 
     windows, calib_fp = None, "none"
     if plan.calibration_tokens:
         progress(ProgressEvent("tokenizing calibration text"))
-        from transformers import AutoTokenizer
-
         text = load_text(recipe.calibration.source, recipe.calibration.text_field)
-        tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
+        tokenizer = load_tokenizer(reader.path, purpose="calibration")
         windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
         calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
-    partial = PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force)
-    try:
-        return _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise no_space_error(partial.path) from None
-        raise
+    with PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force) as partial:
+        try:
+            return _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress)
+        except OSError as err:
+            raise write_error(partial.path, err) from None
 
 
 def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
     todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
@@ -236,7 +226,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
             partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:
-            save_file({"hidden": runner.state()}, str(partial.path / f"hidden-{last_layer + 1}.safetensors"))
+            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
         for stale in partial.path.glob("hidden-*.safetensors"):
             if stale.name != f"hidden-{last_layer + 1}.safetensors":
                 stale.unlink()
@@ -250,12 +240,9 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, dev
     weight_map = {t: names[s] for s, units in enumerate(plan.shards) for u in units for t in layout.unit_names(u)}
     partial.write_index(weight_map, plan.output_bytes)
     partial.write_text("config.json", json.dumps(output_config(reader.config, layout.moe, plan.dtype), indent=2, sort_keys=True) + "\n")
-    hf = Path(__file__).parent / "modeling" / "hf"
-    for name in HF_FILES:
-        if (hf / name).is_file():
-            shutil.copyfile(hf / name, partial.path / name)
+    partial.write_modeling_code()
     partial.write_text("recipe.yaml", dump_recipe(recipe))
-    tokenizer_saved = _save_tokenizer(reader, partial.path)
+    tokenizer_saved = save_tokenizer_files(reader, partial)
     provenance = {
         "source": plan.source,
         "source_sha256": reader.fingerprint(),
@@ -267,7 +254,7 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, dev
     }
     if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place
         provenance["heal"] = _heal_partial(plan.source, partial, recipe, device, progress)
-    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    partial.write_json("provenance.json", provenance)
     (partial.path / "layer-metrics.json").unlink(missing_ok=True)  # kept until here: a resumed heal still reports them
     partial.finalize()
     progress(ProgressEvent("complete"))
@@ -298,18 +285,6 @@ def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, devic
     write_like_student(student, partial.path, partial)
     shutil.rmtree(partial.path / HEAL_STATE, ignore_errors=True)
     return {k: v for k, v in metrics.items() if k != "config"}
-
-
-def _save_tokenizer(reader: CheckpointReader, folder: Path) -> bool:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
-    except (OSError, ValueError, TypeError, KeyError):
-        log.warning("source %s has no tokenizer; the output has none either", reader.path)
-        return False
-    tokenizer.save_pretrained(folder)
-    return True
 
 
 def _versions() -> dict[str, str]:

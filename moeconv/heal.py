@@ -455,5 +455,5 @@ def write_like_student(model: nn.Module, student_dir: Path, partial: PartialOutp
     same = student_dir.resolve() == partial.path.resolve()  # convert heals its own OUT.partial in place
     for f in [] if same else sorted(student_dir.iterdir()):  # config, modeling code, tokenizer, recipe, provenance, index
         if f.is_file() and f.suffix != ".safetensors":
-            shutil.copyfile(f, partial.path / f.name)
+            partial.copy_in(f)
     return written

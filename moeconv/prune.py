@@ -187,8 +187,9 @@ def prune_checkpoint(
     windows = tokenize_windows(tokenizer, load_text(calib_source), calib_tokens, seqlen)  # [N, L]
     prune_ffn_to_active(model, keep_fraction, windows, refit=refit)
     tag = f"prune:{src}:{keep_fraction}:{calib_source}:{calib_tokens}:{seqlen}:{refit.model_dump_json() if refit else None}"
-    partial = PartialOutput(out, tag, resume=False, force=force)
-    model.save_pretrained(partial.path)
-    tokenizer.save_pretrained(partial.path)
-    partial.finalize()
+    with PartialOutput(out, tag, resume=False, force=force) as partial:
+        partial.write_saved(model.save_pretrained)
+        partial.write_saved(tokenizer.save_pretrained)
+        partial.write_json("provenance.json", {"source": str(src), "prune": tag, "metrics": model.prune_metrics})
+        partial.finalize()
     return model.prune_metrics

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,22 +16,14 @@ from transformers import AutoModelForCausalLM
 import moeconv.io.load  # noqa: F401 - registers the moeconv config/model classes with transformers' Auto*
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.convert import (
-    DTYPES,
-    HF_FILES,
-    ProgressEvent,
-    ProgressFn,
-    _check_paths,
-    _output_dtype,
-    _save_tokenizer,
-    _versions,
-    fingerprint,
-)
+from moeconv.convert import DTYPES, ProgressEvent, ProgressFn, _check_paths, _output_dtype, _versions, fingerprint
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.io.adapters import adapter_for
+from moeconv.io.files import write_error
 from moeconv.io.layout import output_config
+from moeconv.io.load import load_tokenizer, save_tokenizer_files
 from moeconv.io.readers import CheckpointReader, open_checkpoint
-from moeconv.io.writer import PartialOutput, no_space_error, plan_shards, shard_name
+from moeconv.io.writer import PartialOutput, check_out_path, plan_shards, shard_name
 from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor, QuantSpec
@@ -173,29 +163,26 @@ def quantize(
     plan, ctx = make_plan(src, reader, recipe)
     if dry_run:
         return plan
+    check_out_path(out)
     windows, calib_fp = None, "none"
     if recipe.needs_calibration:
         progress(ProgressEvent("tokenizing calibration text"))
-        from transformers import AutoTokenizer
-
         text = load_text(recipe.calibration.source, recipe.calibration.text_field)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(local_files_only=True, **reader.tokenizer_kwargs())
-        except (OSError, ValueError, TypeError, KeyError):
-            raise CheckpointError(f"{src} has no tokenizer, which GPTQ's calibration needs; add one or use --method rtn") from None
+            tokenizer = load_tokenizer(reader.path)
+        except CheckpointError as err:
+            raise CheckpointError(f"GPTQ's calibration needs a tokenizer ({err}); add one to {src} or use --method rtn") from None
         windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
         calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
-    partial = PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force)
-    try:
-        return _run(reader, recipe, plan, ctx, partial, windows, calib_fp, device, progress)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise no_space_error(partial.path) from None
-        raise
+    with PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force) as partial:
+        try:
+            return _run(reader, recipe, plan, ctx, partial, windows, calib_fp, device, progress)
+        except OSError as err:
+            raise write_error(partial.path, err) from None
 
 
 def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: PartialOutput, windows, calib_fp, device, progress) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
     todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
@@ -228,7 +215,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
         progress(ProgressEvent("writing " + names[s]))
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
-            save_file({"hidden": runner.state()}, str(partial.path / f"hidden-{last_layer + 1}.safetensors"))
+            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
         partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
         partial.write_shard(names[s], tensors)
         for stale in partial.path.glob("hidden-*.safetensors"):
@@ -381,10 +368,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
     else:
         config = output_config(reader.config, moe, plan.dtype)
     partial.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hf = Path(__file__).parent / "modeling" / "hf"
-    for name in HF_FILES:
-        if (hf / name).is_file():
-            shutil.copyfile(hf / name, partial.path / name)
+    partial.write_modeling_code()
     partial.write_text("recipe.yaml", dump_recipe(recipe))
     dictionary_bits = bytes_of.get(SUB1_PAIR_COUNTS_KEY, 0) * 8  # 9 x 64 bits: the table is rebuilt at load
     provenance = {
@@ -392,14 +376,14 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
         "source_sha256": reader.fingerprint(),
         "calibration": calib_fp,
         "versions": _versions(),
-        "tokenizer": _save_tokenizer(reader, partial.path),
+        "tokenizer": save_tokenizer_files(reader, partial),
         "quantization": {"format": spec.format, "group_size": spec.group_size, "method": recipe.method,
                          "modules": len(moe["quant"]["modules"]), "sub1_dictionary_bits": dictionary_bits},
         "bits": {**bits_summary(metrics, dictionary_bits),
                  "whole_model": {"bits_per_parameter": 8 * total / max(params, 1), "parameters": params}},
         "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
     }
-    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    partial.write_json("provenance.json", provenance)
     partial.finalize()
     progress(ProgressEvent("complete"))
     return provenance

@@ -75,8 +75,14 @@ class ConvertRecipe(Strict):
         """Whether the refit stage runs: with every expert active nothing is dropped, so there is nothing to refit."""
         return self.refit is not None and self.top_k < self.experts
 
+    @property
+    def trains_router(self) -> bool:
+        """Whether the router stage runs: with every expert selected at weight 1 (top_k == experts, scoring none)
+        the router's values never change the output, so there is nothing to learn and no text is needed."""
+        return self.train_router and not (self.top_k == self.experts and self.scoring == "none")
+
     def needs_calibration(self, partitioner_needs: bool) -> bool:
-        return partitioner_needs or self.train_router or self.refits or self.dag is not None
+        return partitioner_needs or self.trains_router or self.refits or self.dag is not None
 
 
 def parse_size(text: str) -> int:

@@ -55,7 +55,7 @@ def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Call
     order = torch.argsort(result.assignment, stable=True)
     ctx.routed = pool[order]
     ctx.metrics.update({f"partition_{k}": v for k, v in result.metrics.items()})
-    if recipe.train_router and ctx.calib is not None:
+    if recipe.trains_router and ctx.calib is not None:
         on_stage("router")
         router, metrics = train_router(
             routed_ffn, result.assignment, ctx.calib, recipe.top_k, RouterConfig(**recipe.router), ctx.generator, init=result.router

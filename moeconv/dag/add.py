@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from safetensors.torch import load_file
 
 from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.convert import HF_FILES
 from moeconv.dag.distill import DagConfig, attach_dag, distill_dag
 from moeconv.dag.end_to_end import distill_end_to_end
 from moeconv.errors import MoeconvError
@@ -21,7 +19,7 @@ from moeconv.ffn import DenseFFN
 from moeconv.io.adapters import adapter_for
 from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
 from moeconv.io.readers import open_checkpoint
-from moeconv.io.writer import PartialOutput
+from moeconv.io.writer import HF_FILES, PartialOutput
 from moeconv.recipe import CalibrationSpec
 
 
@@ -113,33 +111,33 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     blob = json.dumps({"src": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")), "dag": settings.model_dump(),
                        "teacher": teacher,
                        "calib": [text.fingerprint, windows.numel()], "seed": seed}, sort_keys=True)
-    partial = PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force)
-    model = load_model(src, dtype="float32", device=str(device))
-    blocks = [model.get_submodule(moe["ffn_path"].format(i=i)) for i in moe["layers"]]
-    metrics, new_tensors = {}, {}
-    if layer_local:
-        metrics = _distill_layers(model, blocks, moe["layers"], windows, dense_ffn, settings, seed, device, progress)
-    else:  # every layer starts exactly neutral (W_up = 0): the joint step starts from the plain MoE
+    with PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force) as partial:
+        model = load_model(src, dtype="float32", device=str(device))
+        blocks = [model.get_submodule(moe["ffn_path"].format(i=i)) for i in moe["layers"]]
+        metrics, new_tensors = {}, {}
+        if layer_local:
+            metrics = _distill_layers(model, blocks, moe["layers"], windows, dense_ffn, settings, seed, device, progress)
+        else:  # every layer starts exactly neutral (W_up = 0): the joint step starts from the plain MoE
+            for i, block in zip(moe["layers"], blocks, strict=True):
+                attach_dag(block, settings, torch.Generator().manual_seed(seed * 100003 + i))
+        joint = None
+        if settings.end_to_end is not None:
+            progress("loading the dense teacher", None, 0)
+            dense = load_model(e2e_teacher, dtype="float32", device=str(device))
+
+            def on_step(event) -> None:
+                if event.stage == "step":
+                    progress(f"end-to-end step {event.step}/{event.steps}, KL {event.metrics['kl']:.4f}", None, 0)
+
+            joint = distill_end_to_end(model, dense, windows, settings.end_to_end, seed=seed, progress=on_step,
+                                       device="cpu" if device.type == "cpu" else "auto")
+            del dense
         for i, block in zip(moe["layers"], blocks, strict=True):
-            attach_dag(block, settings, torch.Generator().manual_seed(seed * 100003 + i))
-    joint = None
-    if settings.end_to_end is not None:
-        progress("loading the dense teacher", None, 0)
-        dense = load_model(e2e_teacher, dtype="float32", device=str(device))
-
-        def on_step(event) -> None:
-            if event.stage == "step":
-                progress(f"end-to-end step {event.step}/{event.steps}, KL {event.metrics['kl']:.4f}", None, 0)
-
-        joint = distill_end_to_end(model, dense, windows, settings.end_to_end, seed=seed, progress=on_step,
-                                   device="cpu" if device.type == "cpu" else "auto")
-        del dense
-    for i, block in zip(moe["layers"], blocks, strict=True):
-        prefix = moe["ffn_path"].format(i=i)
-        new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}
-    _write(src, partial, config, settings, new_tensors, {"layers": metrics, "end_to_end": joint})
-    partial.finalize()
-    return {"layers": metrics, "end_to_end": joint}
+            prefix = moe["ffn_path"].format(i=i)
+            new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}
+        _write(src, partial, config, settings, new_tensors, {"layers": metrics, "end_to_end": joint})
+        partial.finalize()
+        return {"layers": metrics, "end_to_end": joint}
 
 
 def _distill_layers(model: torch.nn.Module, blocks: list, layers: list[int], windows: torch.Tensor,
@@ -180,13 +178,11 @@ def _write(src: Path, partial: PartialOutput, config: dict, settings: DagConfig,
     partial.write_index(weight_map, total)
     config["moe"]["dag"] = settings.architecture()
     partial.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hf = Path(__file__).parents[1] / "modeling" / "hf"
     skip = {"config.json", "model.safetensors.index.json", "provenance.json", *weight_map.values()}
-    for f in src.iterdir():
+    for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in skip and f.name not in HF_FILES:
-            shutil.copyfile(f, partial.path / f.name)
-    for name in HF_FILES:
-        shutil.copyfile(hf / name, partial.path / name)
+            partial.copy_in(f)
+    partial.write_modeling_code()
     provenance = _provenance(src)
     provenance["dag"] = {"settings": settings.model_dump(), **metrics}
-    partial.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    partial.write_json("provenance.json", provenance)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moeconv.errors import MoeconvError
 from moeconv.eval.perplexity import EvalResult
+from moeconv.io.files import atomic_write_text, strict_json
 
 RESULTS_FORMAT = "moeconv-eval/1"
 
@@ -101,7 +102,12 @@ def results_document(results: list[EvalResult]) -> dict:
 
 
 def save_results(path: str | Path, results: list[EvalResult]) -> None:
-    Path(path).write_text(json.dumps(results_document(results), indent=2) + "\n")
+    save_document(path, results_document(results))
+
+
+def save_document(path: str | Path, document: dict) -> None:
+    """Strict JSON (never a bare NaN), written atomically."""
+    atomic_write_text(Path(path), strict_json(document, sort_keys=False) + "\n")
 
 
 def is_results_file(path: str | Path) -> bool:

@@ -139,6 +139,26 @@ def _batch_nll(
     return total
 
 
+def first_non_finite_module(model: nn.Module, x: torch.Tensor) -> str:
+    """The name of the first module, in execution order, whose output holds a NaN or Inf on input x."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module, args, output) -> None:
+            out = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
+            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(input_ids=x, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "the loss only"
+
+
 def auto_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
@@ -177,6 +197,10 @@ def evaluate_perplexity(
                 progress(min(b + batch_size, windows.count), windows.count)
         nll_sum = float(nll)  # synchronises the device
         seconds = time.perf_counter() - start
+    if not math.isfinite(nll_sum):  # a perplexity from broken numbers is never reported as a result
+        where = first_non_finite_module(model, ids[:1].to(device))
+        raise MoeconvError(f"the model's outputs are NaN or Inf (first in {where} on window 0), so there is no perplexity to "
+                           "report; its weights are broken: check the checkpoint (moeconv inspect) or re-create it")
     mean = nll_sum / windows.predicted
     return PerplexityResult(
         ppl=math.exp(mean),

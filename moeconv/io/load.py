@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from moeconv.errors import CheckpointError, MoeconvError
+from moeconv.io.validate import raise_if_inconsistent
 from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
 from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
 
@@ -68,13 +70,44 @@ def is_moeconv_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def load_tokenizer(path: str | Path, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, or the one at TOKENIZER (a folder or .gguf)."""
+def load_tokenizer(path: str | Path, tokenizer: str | None = None, purpose: str | None = None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or the one at TOKENIZER (a folder or .gguf).  Never runs a tokenizer's own code."""
     folder, extra = model_source(tokenizer or path)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-    except (OSError, ValueError, TypeError, KeyError):
-        raise CheckpointError(f"{tokenizer or path} has no usable tokenizer; pass --tokenizer PATH pointing at one") from None
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **extra)
+    except Exception as err:  # noqa: BLE001 - tokenizers/sentencepiece/json raise many types for a missing or corrupt file
+        reason = _tokenizer_problem(Path(folder), err)
+        if purpose:
+            raise CheckpointError(f"{purpose} needs a tokenizer, and {tokenizer or path} {reason}; add the source model's "
+                                  "tokenizer files to that folder (or pass --no-router-training --no-refit with --top-k equal "
+                                  "to --experts, which needs no text)") from None
+        raise CheckpointError(f"{tokenizer or path} {reason}; pass --tokenizer PATH pointing at one") from None
+
+
+def _tokenizer_problem(folder: Path, err: Exception) -> str:
+    if "trust_remote_code" in str(err) or "custom code" in str(err):
+        return "has a tokenizer that needs its own code, which moeconv never runs"
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+    if folder.is_dir() and not any((folder / n).is_file() for n in names) and not any(folder.glob("*.gguf")):
+        return "has no tokenizer"
+    return f"has a tokenizer that cannot be read ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})"
+
+
+def save_tokenizer_files(reader, partial) -> bool:
+    """Carry the source's tokenizer and generation defaults (eos ids, sampling) into OUT.partial.  -> tokenizer saved"""
+    source = Path(reader.path)
+    generation = source / "generation_config.json" if source.is_dir() else None
+    if generation is not None and generation.is_file():
+        partial.copy_in(generation)
+    elif getattr(reader.config, "eos_token_id", None) is not None:  # a .gguf: its ids are in the config it implies
+        partial.write_saved(GenerationConfig.from_model_config(reader.config).save_pretrained)
+    try:
+        tokenizer = load_tokenizer(reader.path)
+    except CheckpointError as err:
+        log.warning("the output has no tokenizer: %s", err)
+        return False
+    partial.write_saved(tokenizer.save_pretrained)
+    return True
 
 
 def load_model(
@@ -86,19 +119,26 @@ def load_model(
 ) -> torch.nn.Module:
     """A causal LM in eval mode on `device`.  Remote code runs only if the user asked for it."""
     folder, extra = model_source(path)
-    kwargs = dict(dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code, **extra)
+    kwargs = dict(dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code,
+                  output_loading_info=True, ignore_mismatched_sizes=True, **extra)  # mismatches are reported below, as one line
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except ValueError as err:  # a family without the requested attention kernel (gemma2 has no sdpa)
             if "attn_implementation" not in kwargs or "attention" not in str(err):
                 raise
-            model = AutoModelForCausalLM.from_pretrained(folder, **{**kwargs, "attn_implementation": "eager"})
+            model, info = AutoModelForCausalLM.from_pretrained(folder, **{**kwargs, "attn_implementation": "eager"})
+    except SafetensorError as err:
+        raise CheckpointError(f"a weight file of {path} is truncated or corrupt ({err}); re-create or re-download it") from None
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot load {path} as a causal LM: {first}") from None
+    missing, unexpected = list(info["missing_keys"]), list(info["unexpected_keys"])
+    mismatched = [(m[0], tuple(m[1]), tuple(m[2])) for m in info["mismatched_keys"]]
+    present = [n for n in model.state_dict() if n not in missing] + unexpected
+    raise_if_inconsistent(str(path), model.config, present, missing, unexpected, mismatched)
     if "gguf_file" in extra:
         # transformers dequantizes GGUF weights on load but keeps its quantizer, which then refuses
         # save_pretrained; the loaded model is a plain float model, so it may be saved as one.

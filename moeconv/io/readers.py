@@ -6,7 +6,6 @@ time, so a converter never holds more than the tensors it is working on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -17,6 +16,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from moeconv.errors import CheckpointError
+from moeconv.io import load as _registers_moeconv_classes  # noqa: F401 - AutoConfig knows 'moeconv'
+from moeconv.io.files import sha256_file
+from moeconv.io.validate import check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,15 @@ class CheckpointReader(ABC):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     @abstractmethod
-    def get(self, name: str) -> torch.Tensor: ...
+    def _read(self, name: str) -> torch.Tensor: ...
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, checked finite as it streams: nothing is ever computed from a NaN or Inf weight.
+        (The check costs one pass over memory that was just read: about 1% of a conversion's read time.)"""
+        t = self._read(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"source tensor '{name}' contains NaN or Inf; fix the source checkpoint first")
+        return t
 
     @abstractmethod
     def source_files(self) -> list[Path]: ...
@@ -42,6 +52,10 @@ class CheckpointReader(ABC):
     def tokenizer_kwargs(self) -> dict:
         """Arguments for AutoTokenizer.from_pretrained that find this checkpoint's tokenizer."""
         return {"pretrained_model_name_or_path": str(self.path)}
+
+    def validate(self) -> None:
+        """A CheckpointError naming missing, extra or mis-shaped tensors, before anything is computed from them."""
+        check_tensors(str(self.path), self.config, {name: self.shape(name) for name in self.keys()})
 
     def has(self, name: str) -> bool:
         return name in self._key_set()
@@ -52,15 +66,11 @@ class CheckpointReader(ABC):
         return self._keys_cache
 
     def fingerprint(self) -> dict[str, str]:
-        """sha256 of each source file (identifies the exact input for resume and provenance)."""
-        out = {}
-        for f in self.source_files():
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    digest.update(chunk)
-            out[f.name] = digest.hexdigest()
-        return out
+        """sha256 of each source file and of config.json (identifies the exact input for resume and provenance)."""
+        files = list(self.source_files())
+        if (self.path / "config.json").is_file():  # a folder: its config shapes the output as much as its weights
+            files.append(self.path / "config.json")
+        return {f.name: sha256_file(f) for f in files}
 
 
 def _load_config(folder: Path) -> PretrainedConfig:
@@ -68,9 +78,20 @@ def _load_config(folder: Path) -> PretrainedConfig:
         raise CheckpointError(f"{folder} has no config.json: it is not a Hugging Face model folder; pass a model folder or a .gguf file")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
+    except Exception as err:  # noqa: BLE001 - every field is the user's input; transformers' validators raise many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {first}; check that it is a valid transformers config") from None
+
+
+def _read_index(folder: Path, index: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from a sharded checkpoint's index (every shard inside the folder)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index} is not a valid index (no weight_map); regenerate it") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no usable weight_map (tensor name -> shard file name); regenerate it")
+    return {name: _resolve_inside(folder, shard, index) for name, shard in weight_map.items()}
 
 
 def _resolve_inside(folder: Path, name: str, index: Path) -> Path:
@@ -91,11 +112,7 @@ class SafetensorsReader(CheckpointReader):
         self._handles: dict[Path, object] = {}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map); regenerate it") from None
-            self._files = {name: _resolve_inside(folder, shard, index) for name, shard in weight_map.items()}
+            self._files = _read_index(folder, index)
         else:
             single = folder / "model.safetensors"
             self._files = {name: single for name in self._open(single).keys()}
@@ -119,7 +136,7 @@ class SafetensorsReader(CheckpointReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._files[name]).get_slice(name).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         # safetensors hands out tensors backed by a memory map of the whole file; pages they touch stay
         # resident (and count as ours) while any handle maps the file. A private copy from a handle that
         # is closed at once keeps the process at one layer's worth of weights whatever the depth.
@@ -139,14 +156,13 @@ class TorchBinReader(CheckpointReader):
     def __init__(self, folder: Path):
         self.path = folder
         self.config = _load_config(folder)
+        self._cache: tuple[Path, dict] | None = None  # the one open state dict (mmap), before any _load
         index = folder / "pytorch_model.bin.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: _resolve_inside(folder, shard, index) for name, shard in weight_map.items()}
+            self._files = _read_index(folder, index)
         else:
             single = folder / "pytorch_model.bin"
             self._files = {name: single for name in self._load(single)}
-        self._cache: tuple[Path, dict] | None = None
 
     def _load(self, f: Path) -> dict:
         if self._cache is None or self._cache[0] != f:
@@ -154,6 +170,8 @@ class TorchBinReader(CheckpointReader):
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
                 raise CheckpointError(f"{f} cannot be read safely ({type(err).__name__}); convert it to safetensors") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{f} does not hold a state dict of tensors; convert it to safetensors")
             self._cache = (f, state)
         return self._cache[1]
 
@@ -163,8 +181,11 @@ class TorchBinReader(CheckpointReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._load(self._files[name])[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._load(self._files[name])[name]
+    def _read(self, name: str) -> torch.Tensor:
+        state = self._load(self._files[name])
+        if name not in state:
+            raise CheckpointError(f"{self._files[name].name} lacks tensor '{name}' that the index promises; the shard is stale or corrupt")
+        return state[name]
 
     def source_files(self) -> list[Path]:
         return sorted(set(self._files.values()))
@@ -185,8 +206,9 @@ class GGUFReader(CheckpointReader):
             loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
         except ImportError:
             raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
-        except (ValueError, KeyError, OSError) as err:
-            raise CheckpointError(f"cannot read {file} as GGUF ({str(err).splitlines()[0]}); check the file") from None
+        except Exception as err:  # noqa: BLE001 - gguf/numpy/struct raise many types for a truncated or corrupt file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"cannot read {file} as GGUF ({first}); the file is truncated, corrupt or not a model") from None
         expected = set(skeleton.state_dict())
         self._tensors = {k: v for k, v in loaded["tensors"].items() if k in expected}
 
@@ -196,7 +218,7 @@ class GGUFReader(CheckpointReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
     def source_files(self) -> list[Path]:
@@ -217,8 +239,16 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def open_checkpoint(source: str | Path) -> CheckpointReader:
-    """Pick the reader for SOURCE (folder, .gguf file, or Hub id)."""
+def open_checkpoint(source: str | Path, validate: bool = True) -> CheckpointReader:
+    """The reader for SOURCE (folder, .gguf file, or Hub id), its tensors checked against its config.json
+    (validate=False: the caller checks first that it supports the family, then calls reader.validate())."""
+    reader = _reader_for(source)
+    if validate:
+        reader.validate()
+    return reader
+
+
+def _reader_for(source: str | Path) -> CheckpointReader:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ DTYPE_CODES = {
 class StreamingShard:
     """Write the tensors of `entries` ([(name, shape, dtype)], in that order) into `path`."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None,
+                 check: Callable[[str, torch.Tensor], None] | None = None):
         self.path = path
+        self._check = check  # called on each tensor before it is written (the writer refuses NaN/Inf)
         self._order = [name for name, _, _ in entries]
         self._spec = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -47,6 +50,8 @@ class StreamingShard:
         shape, dtype = self._spec[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, the plan said {shape} {dtype}")
+        if self._check is not None:
+            self._check(name, tensor)
         self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         self._next += 1
 

@@ -1,12 +1,16 @@
-"""Crash-safe output: shards are written into OUT.partial/, recorded in progress.json, and OUT appears only when complete."""
+"""Crash-safe output: shards are written into OUT.partial/, recorded in progress.json, and OUT appears only when complete.
+
+Every file in OUT.partial is written to a temp name, fsynced and renamed, so a kill at any instant leaves
+either the old file or the new one; OUT itself appears (or replaces a previous moeconv output) in one rename.
+"""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +18,16 @@ import torch
 from safetensors.torch import save_file
 
 from moeconv.errors import MoeconvError
+from moeconv.io.files import atomic_write_text, exchange, fsync_dir, replace_atomically, sha256_file, strict_json, write_error
+from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
 
 PROGRESS = "progress.json"
+# The self-contained modeling code copied into every moeconv checkpoint (torch + transformers only).
+HF_DIR = Path(__file__).parents[1] / "modeling" / "hf"
+HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
+# Files that mark a folder as one moeconv wrote (convert, quantize, dag: provenance.json; heal of a dense model: heal.json).
+OUTPUT_MARKERS = ("provenance.json", "heal.json")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -37,29 +48,45 @@ def plan_shards(unit_bytes: list[int], max_bytes: int) -> list[list[int]]:
     return shards
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def check_out_path(out: Path) -> Path:
+    """OUT as an absolute path, refused where writing a folder there could harm the user's files."""
+    target = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path.home().resolve() or target.parent == target:
+        raise MoeconvError(f"OUT '{out}' is the current folder, one of its parents or the home folder; name a new folder for the output")
+    if target.exists() and not target.is_dir():
+        raise MoeconvError(f"OUT '{out}' is a file; moeconv writes a folder there: remove the file or choose another OUT")
+    return target
 
 
-def no_space_error(path: Path) -> MoeconvError:
-    return MoeconvError(
-        f"no space left on the device holding {path}; free space or choose another OUT, then rerun with --resume"
-    )
+def is_moeconv_output(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
 
 
 class PartialOutput:
-    """OUT.partial/: finished shards plus progress.json (fingerprint + finished shards with hashes)."""
+    """OUT.partial/: finished shards plus progress.json (fingerprint + finished shards with hashes).
+
+    Holds OUT.lock from construction until finalize() or close(); use it as a context manager.
+    """
 
     def __init__(self, out: Path, fingerprint: str, resume: bool, force: bool):
-        self.out = out
-        self.path = out.with_name(out.name + ".partial")
+        self.out = check_out_path(Path(out))
+        self.path = self.out.with_name(self.out.name + ".partial")
         self.fingerprint = fingerprint
-        if out.exists() and not force:
-            raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
+        self.lock = OutputLock(self.out).acquire()
+        try:
+            self._open(resume, force)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, resume: bool, force: bool) -> None:
+        if self.out.exists():
+            if not force:
+                raise MoeconvError(f"{self.out} already exists; pass --force to replace it or choose another OUT")
+            if any(self.out.iterdir()) and not is_moeconv_output(self.out):
+                raise MoeconvError(f"{self.out} holds files moeconv did not write (no provenance.json); --force replaces only "
+                                   "moeconv outputs: remove it yourself or choose another OUT")
         self.done: dict[str, str] = {}
         if self.path.exists():
             previous = self._read_progress()
@@ -67,44 +94,72 @@ class PartialOutput:
                 if previous is None and not force:
                     raise MoeconvError(f"{self.path} exists but is not a moeconv partial output; remove it or choose another OUT")
                 shutil.rmtree(self.path)
-            elif previous is None or previous.get("fingerprint") != fingerprint:
+            elif previous is None or previous.get("fingerprint") != self.fingerprint:
                 raise MoeconvError(
                     f"{self.path} was started with another source, recipe or calibration data; rerun without --resume to start over"
                 )
             else:
                 self.done = {k: v for k, v in previous["shards"].items() if self._intact(k, v)}
-        self.path.mkdir(parents=True, exist_ok=True)
+                self._sweep()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(self.path, err) from None
         self._save_progress()
+
+    def _sweep(self) -> None:
+        """Remove what a killed run was in the middle of writing (temp files, scratch folders): never part of OUT."""
+        for leftover in self.path.iterdir():
+            if leftover.name.endswith(".tmp") and leftover.is_file():
+                leftover.unlink()
+            elif leftover.name.startswith(".saving-") and leftover.is_dir():
+                shutil.rmtree(leftover)
+
+    def __enter__(self) -> PartialOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release OUT.lock; OUT.partial stays for --resume unless finalize() ran."""
+        self.lock.release()
 
     def _read_progress(self) -> dict | None:
         try:
-            return json.loads((self.path / PROGRESS).read_text())
-        except (OSError, json.JSONDecodeError):
+            progress = json.loads((self.path / PROGRESS).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return progress if isinstance(progress, dict) and isinstance(progress.get("shards"), dict) else None
 
     def _intact(self, name: str, digest: str) -> bool:
         f = self.path / name
-        return f.is_file() and _sha256(f) == digest
+        return f.is_file() and sha256_file(f) == digest
 
     def _save_progress(self) -> None:
-        tmp = self.path / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=1))
-        os.replace(tmp, self.path / PROGRESS)
+        atomic_write_text(self.path / PROGRESS, json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=1))
 
     def has_shard(self, name: str) -> bool:
         return name in self.done
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A safetensors file in OUT.partial, whole or absent after any crash (not recorded as a shard)."""
         tmp = self.path / (name + ".tmp")
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, self.path / name)
+            replace_atomically(tmp, self.path / name)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            if err.errno == errno.ENOSPC:
-                raise no_space_error(self.path) from None
+            raise write_error(self.path, err) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
-        self.done[name] = _sha256(self.path / name)
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            check_finite(key, value)
+        self.save_tensors(name, tensors)
+        self.done[name] = sha256_file(self.path / name)
         self._save_progress()
 
     @contextmanager
@@ -113,45 +168,87 @@ class PartialOutput:
         tmp = self.path / (name + ".tmp")
         shard = None
         try:
-            shard = StreamingShard(tmp, entries)
+            shard = StreamingShard(tmp, entries, check=check_finite)
             yield shard
             shard.close()
-            os.replace(tmp, self.path / name)
+            replace_atomically(tmp, self.path / name)
         except OSError as err:
             if shard is not None:
                 shard.abort()
-            if err.errno == errno.ENOSPC:
-                raise no_space_error(self.path) from None
-            raise
+            raise write_error(self.path, err) from None
         except BaseException:
             if shard is not None:
                 shard.abort()
             raise
-        self.done[name] = _sha256(self.path / name)
+        self.done[name] = sha256_file(self.path / name)
         self._save_progress()
 
     def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def write_json(self, name: str, data) -> None:
+        """Strict JSON (a non-finite float is written as null, never as a NaN literal that parsers reject)."""
+        self.write_text(name, strict_json(data) + "\n")
+
+    def copy_in(self, source: Path, name: str | None = None) -> None:
+        """Copy a file into OUT.partial atomically."""
+        target = self.path / (name or source.name)
+        tmp = target.with_name(target.name + ".tmp")
         try:
-            (self.path / name).write_text(text)
+            shutil.copyfile(source, tmp)
+            replace_atomically(tmp, target)
         except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise no_space_error(self.path) from None
+            tmp.unlink(missing_ok=True)
+            raise write_error(self.path, err) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
+
+    def write_modeling_code(self) -> None:
+        for name in HF_FILES:
+            self.copy_in(HF_DIR / name)
+
+    def write_saved(self, save: Callable[[Path], None]) -> None:
+        """Let `save(folder)` (a save_pretrained) write into a scratch folder, then move each file in atomically."""
+        with tempfile.TemporaryDirectory(dir=self.path, prefix=".saving-") as scratch:
+            try:
+                save(Path(scratch))
+            except OSError as err:
+                raise write_error(self.path, err) from None
+            for f in sorted(Path(scratch).iterdir()):
+                if f.is_file():
+                    self.copy_in(f)
 
     def write_index(self, weight_map: dict[str, str], total_size: int) -> None:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
     def finalize(self) -> Path:
-        """Swap OUT.partial into place; an old OUT (with --force) is removed only after the swap."""
-        (self.path / PROGRESS).unlink(missing_ok=True)
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
-        os.replace(self.path, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        """Put OUT.partial in place of OUT in one atomic step; a previous OUT (with --force) is removed only after it."""
+        try:
+            (self.path / PROGRESS).unlink(missing_ok=True)
+            fsync_dir(self.path)
+            if self.out.exists() and exchange(self.path, self.out):
+                trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")  # never a name the user chose
+                os.replace(self.path, trash)  # OUT.partial now holds the previous output
+                shutil.rmtree(trash)
+            elif self.out.exists():  # no atomic exchange on this file system: two renames
+                trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")
+                os.replace(self.out, trash)
+                os.replace(self.path, self.out)
+                shutil.rmtree(trash)
+            else:
+                os.replace(self.path, self.out)
+            fsync_dir(self.out.parent)
+        except OSError as err:
+            raise write_error(self.out, err) from None
+        finally:
+            self.close()
         return self.out
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse to write a NaN or Inf: an output is never computed from (or into) broken numbers."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MoeconvError(f"output tensor '{name}' came out NaN or Inf, so nothing was written; rerun with -v to see "
+                           "which layer and stage produced it, and check the source and recipe")
