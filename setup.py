@@ -50,7 +50,7 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
     ],
-    extras_require={"gguf": ["gguf>=0.10"], "lm-eval": ["lm-eval>=0.4"]},
+    extras_require={"gguf": ["gguf>=0.10"], "lm-eval": ["lm-eval>=0.4"], "serve": ["llama-cpp-python==0.3.36"]},
     entry_points={"console_scripts": ["moeconv=moeconv.cli.app:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
