@@ -5,10 +5,12 @@
     python benchmarks/kernels.py --quick         # SmolLM2 shapes only, T <= 64
     python benchmarks/kernels.py --threads 1     # on a crowded machine: 2-thread OpenMP GEMMs stall
     MOECONV_CPU_ISA=avx512 python benchmarks/kernels.py   # force a lower CPU kernel path to compare
+    python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 1,512,4096   # the GPU check's rows
 
 Every row is measured in one run: best wall time of repeated calls after a warm-up.
 ratios are baseline_time / moe_ffn_time (above 1: moe_ffn is faster).  The MoE weights are the
-dense FFN's neurons split evenly into E experts, so "dense" is the same total width.
+dense FFN's neurons split evenly into E experts, so "dense" is the same total width.  On CUDA the
+header also gives the device-to-device copy bandwidth (bytes read + written), the memory ceiling.
 """
 
 from __future__ import annotations
@@ -139,6 +141,14 @@ def bench_shape(device, dtype, label, d, d_ff, E, k, T, budget_s, skip_naive_abo
     return row
 
 
+def copy_bandwidth_gb_s(device: torch.device, budget_s: float) -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written (the bandwidth ceiling)."""
+    src = torch.randn(2**28, device=device)  # [2^28] float32 = 1 GiB, random: zeros can run faster
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, budget_s)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| device | dtype | shape | T | dense ms | moe_ffn ms | vs dense | naive ms | vs naive | grouped_mm ms | vs grouped | note |",
@@ -157,7 +167,12 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def token_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (benchmarks/gpu_check.py validates its planned arguments against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes and T <= 64 only")
@@ -166,7 +181,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25, help="seconds of timing per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--cpu-max-7b-tokens", type=int, default=512, help="skip 7B shapes above this T on CPU")
-    args = parser.parse_args()
+    parser.add_argument("--tokens", type=token_list, default=TOKENS, help="comma-separated T values (default: %(default)s)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -181,7 +201,7 @@ def main() -> None:
             for label, d, d_ff, E, k in SHAPES:
                 if args.quick and label != "smollm2":
                     continue
-                for T in TOKENS:
+                for T in args.tokens:
                     if args.quick and T > 64:
                         continue
                     if device.type == "cpu" and label == "7b" and T > args.cpu_max_7b_tokens:
@@ -210,6 +230,9 @@ def main() -> None:
         "cpu_isa": native.cpu_isa(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if any(device.type == "cuda" for device in devices):
+        header["gpu"] = torch.cuda.get_device_name()
+        header["copy_gb_s"] = round(copy_bandwidth_gb_s(torch.device("cuda"), args.budget), 1)
     if args.json:
         print(json.dumps({"meta": header, "rows": [asdict(r) for r in rows]}, indent=1))
     else:

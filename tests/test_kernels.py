@@ -25,12 +25,18 @@ HAS_CUDA = torch.cuda.is_available()
 # bf16 a single lost token among 130 moves the normwise error by only 2.1e-2.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 CPU_ISAS = native.available_cpu_isas()
+# CUDA cases are always collected, so a machine without a GPU reports them as skipped (and why).
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
-# (name, device, isa, path); path 0 = auto, 1 = weight streaming, 2 = gather + GEMM.
+# (name, device, isa, path); path 0 = auto, 1 = weight streaming (on CUDA: the GEMV kernels), 2 = gather + GEMM.
 IMPLS = [("reference", "cpu", None, None)]
 IMPLS += [(f"cpu-{isa}-{p}", "cpu", isa, n) for isa in CPU_ISAS for p, n in (("stream", 1), ("gemm", 2))]
 IMPLS += [("cpu-auto", "cpu", None, 0)] if CPU_ISAS else []
-IMPLS += [("cuda-native", "cuda", None, 0), ("cuda-reference", "cuda", None, None)] if HAS_CUDA else []
+IMPLS += [pytest.param(("cuda-native", "cuda", None, 0), marks=GPU, id="cuda-native")]
+IMPLS += [pytest.param(("cuda-gemv", "cuda", None, 1), marks=GPU, id="cuda-gemv")]
+IMPLS += [pytest.param(("cuda-gemm", "cuda", None, 2), marks=GPU, id="cuda-gemm")]
+IMPLS += [pytest.param(("cuda-reference", "cuda", None, None), marks=GPU, id="cuda-reference")]
 
 
 @pytest.fixture
@@ -235,7 +241,7 @@ def test_unknown_forced_cpu_isa_raises_a_clear_error():
         native.set_cpu_isa("avx1024")
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_experts_with_unit_weights_is_the_dense_ffn(device, seed):
     """moeconv's default ("none" scoring, k == E) must reproduce the dense FFN it was cut from."""
     d, d_ff, E, T = 24, 60, 5, 13
@@ -259,7 +265,7 @@ def test_all_experts_with_unit_weights_is_the_dense_ffn(device, seed):
 
 @pytest.mark.parametrize("scoring", ["none", "softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [False, True])
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("device", DEVICES)
 def test_route_matches_reference_with_ties(device, scoring, renormalize, seed):
     T, E = 53, 11
     logits = torch.randint(-3, 3, (T, E)).float()  # many ties: the lower index must win
@@ -325,7 +331,7 @@ def _opcheck_samples(device: str):
     ]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for op, args, kwargs in _opcheck_samples(device):
         torch.library.opcheck(op, args, kwargs)

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 #include "moe_cuda.h"
 
@@ -17,6 +18,17 @@ namespace {
 
 // Average pairs per expert above which gathered GEMMs beat the GEMV kernels (a guess: unmeasured).
 constexpr int64_t kGemvMaxPairsPerExpert = 16;
+
+// Positions of (token, slot) pairs are int32 in the kernels, and grid.x holds at most 2^31 - 1 blocks.
+constexpr int64_t kMaxInt32 = 2147483647;
+// grid.y is the expert index of the expert kernels.
+constexpr int64_t kMaxExperts = 65535;
+
+// Every check runs before any launch: a buffer of the wrong shape, dtype or device is an error,
+// never an out-of-bounds access (the kernels trust the pointers and sizes they are given).
+void check_device(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but must be on ", like.device());
+}
 
 int dtype_code(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
@@ -34,11 +46,22 @@ int activation_code(c10::string_view name) {
 
 void route_out(const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize, at::Tensor& ids,
                at::Tensor& weights) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_cuda(), "route: logits must be a CUDA [T, E] tensor");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_cuda(), "route: logits must be a CUDA [T, E] tensor, got ", logits.sizes(),
+              " on ", logits.device());
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "route: k=", k, " must be between 1 and E=", E);
+  TORCH_CHECK(E <= kMaxInt32 && (T + 3) / 4 <= kMaxInt32, "route: T=", T, ", E=", E, " exceed one launch");
   const int mode = scoring == "none" ? kNone : scoring == "softmax" ? kSoftmax : scoring == "sigmoid" ? kSigmoid : -1;
   TORCH_CHECK(mode >= 0, "route: unknown scoring '", std::string(scoring), "'");
+  dtype_code(logits);
+  check_device(ids, logits, "route", "ids");
+  check_device(weights, logits, "route", "weights");
+  TORCH_CHECK(ids.sizes() == at::IntArrayRef({T, k}) && ids.scalar_type() == at::kLong, "route: ids must be int64 [", T,
+              ", ", k, "], got ", ids.scalar_type(), " ", ids.sizes());
+  // The kernel stores weights in the logits' dtype: a narrower buffer would be overrun.
+  TORCH_CHECK(weights.sizes() == at::IntArrayRef({T, k}) && weights.scalar_type() == logits.scalar_type(),
+              "route: weights must be [", T, ", ", k, "] in the logits' dtype ", logits.scalar_type(), ", got ",
+              weights.scalar_type(), " ", weights.sizes());
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor lc = logits.contiguous();
   at::Tensor ic = ids.is_contiguous() ? ids : at::empty({T, k}, ids.options());
@@ -62,11 +85,44 @@ void moe_ffn_out(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w
                  const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                  c10::string_view activation, const c10::optional<at::Tensor>& b_gate,
                  const c10::optional<at::Tensor>& b_up, int64_t path, at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && x.is_cuda(), "moe_ffn: x must be a CUDA [T, d] tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_cuda(), "moe_ffn: x must be a CUDA [T, d] tensor, got ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(w_up.dim() == 3 && w_down.dim() == 3, "moe_ffn: expected w_up [E, s, d], w_down [E, d, s]");
+  TORCH_CHECK(ids.dim() == 2, "moe_ffn: ids must be int64 [T, k], got ", ids.sizes());
   const int64_t T = x.size(0), d = x.size(1), E = w_up.size(0), s = w_up.size(1), k = ids.size(1);
   const int dt = dtype_code(x);
   const int act = activation_code(activation);
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.size(0) == T, "moe_ffn: ids must be int64 [T, k]");
+  TORCH_CHECK(w_up.sizes() == at::IntArrayRef({E, s, d}) && w_down.sizes() == at::IntArrayRef({E, d, s}),
+              "moe_ffn: w_up must be [E, s, d] and w_down [E, d, s] for x [T, ", d, "], got ", w_up.sizes(), " and ",
+              w_down.sizes());
+  TORCH_CHECK(!w_gate.has_value() || w_gate->sizes() == w_up.sizes(), "moe_ffn: w_gate must match w_up ", w_up.sizes());
+  // The kernels read every weight as x's dtype: a wider one would be read short, a narrower one overrun.
+  TORCH_CHECK(w_up.scalar_type() == x.scalar_type() && w_down.scalar_type() == x.scalar_type() &&
+                  (!w_gate.has_value() || w_gate->scalar_type() == x.scalar_type()),
+              "moe_ffn: x and expert weights must share a dtype (x is ", x.scalar_type(), ")");
+  TORCH_CHECK(ids.size(0) == T && ids.scalar_type() == at::kLong, "moe_ffn: ids must be int64 [", T, ", k], got ",
+              ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(weights.sizes() == ids.sizes() && weights.is_floating_point(),
+              "moe_ffn: weights must be floating point [T, k] like ids, got ", weights.scalar_type(), " ", weights.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "moe_ffn: out must be [T, d] in x's dtype ",
+              x.scalar_type(), ", got ", out.scalar_type(), " ", out.sizes());
+  for (const auto& [name, b] : {std::pair<const char*, const c10::optional<at::Tensor>*>{"b_gate", &b_gate}, {"b_up", &b_up}}) {
+    if (!b->has_value()) continue;
+    TORCH_CHECK((*b)->sizes() == at::IntArrayRef({E, s}) && (*b)->is_floating_point(), "moe_ffn: ", name,
+                " must be floating point [E, s] = [", E, ", ", s, "], got ", (*b)->scalar_type(), " ", (*b)->sizes());
+    check_device(**b, x, "moe_ffn", name);
+  }
+  TORCH_CHECK(!b_gate.has_value() || w_gate.has_value(), "moe_ffn: b_gate given without w_gate");
+  check_device(ids, x, "moe_ffn", "ids");
+  check_device(weights, x, "moe_ffn", "weights");
+  check_device(w_up, x, "moe_ffn", "w_up");
+  check_device(w_down, x, "moe_ffn", "w_down");
+  check_device(out, x, "moe_ffn", "out");
+  if (w_gate.has_value()) check_device(*w_gate, x, "moe_ffn", "w_gate");
+  // Pair positions and token indices are int32; the combine launch has T*d/256 blocks on grid.x.
+  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_ffn: E=", E, " experts must be between 1 and ", kMaxExperts);
+  TORCH_CHECK(T * k <= kMaxInt32, "moe_ffn: T*k = ", T * k, " (token, slot) pairs must be below 2^31; split the batch");
+  TORCH_CHECK(T * d / 256 < kMaxInt32 && s / 4 < kMaxInt32 && d / 4 < kMaxInt32, "moe_ffn: T=", T, ", d=", d, ", s=", s,
+              " exceed one launch; split the batch");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor xc = x.contiguous(), ic = ids.contiguous(), wc = weights.to(x.scalar_type()).contiguous();
