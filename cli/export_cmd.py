@@ -36,7 +36,8 @@ def _summary(result: dict) -> str:
         line += (f"; mapped routing on {m['check_tokens']} check tokens ({m['check_text']}): logits moved by "
                  f"{m['logits_rel_error']:.2e} relative (max per token {m['max_token_rel_error']:.2e}), selected expert "
                  f"weights within {m['max_weight_deviation']:.1e} of 1, top-k choice changed at "
-                 f"{100 * m['topk_changed_fraction']:.3f}% of token-layers")
+                 f"{100 * m['topk_changed_fraction']:.3f}% of token-layers, next-token NLL {m['check_nll']:.4f} -> "
+                 f"{m['check_nll_mapped']:.4f}")
     return line
 
 

@@ -1,16 +1,16 @@
-"""How moeconv's routing lands on a stock MoE block that weights experts by softmax router probabilities.
+"""How moeconv's routing lands on a stock MoE block that weights experts by softmax router probabilities."""
 
-A checkpoint converted with `scoring: softmax` (and the target's renormalization) exports exactly.
-moeconv's default scoring "none" sums the k selected experts with weight 1, which no stock block does;
-it is mapped: the router weight of layer i is scaled by s_i = 2^-m (a power of two, so the scaled
-logits are the original ones times s_i exactly and the top-k choice is unchanged up to the float32
-resolution of the softmax), and every routed expert's down projection by k (renormalized targets) or E.
-A selected expert's weight k·softmax(s·l)_e / Σ_top-k is then exp(s·(l_e - mean)) ≈ 1 ± s·spread; s_i
-is chosen on check tokens so that s_i · (largest logit spread seen) <= epsilon, and the error this
-introduces is measured end to end on those tokens and reported. With top_k == E the router is zeroed:
-every weight is exactly 1/E (or 1/k) and the export reproduces moeconv's model (the dense model for an
-identity conversion) up to float rounding.
-"""
+# A checkpoint converted with `scoring: softmax` (and the target's renormalization) exports exactly.
+# moeconv's default scoring "none" sums the k selected experts with weight 1, which no stock block does;
+# it is mapped: the router weight of layer i is scaled by s_i = 2^-m (a power of two, so the scaled
+# logits are the original ones times s_i exactly and the top-k choice is unchanged up to the float32
+# resolution of the softmax), and every routed expert's down projection by k (renormalized targets) or E.
+# A selected expert's weight k·softmax(s·l)_e / Σ_top-k is then exp(s·(l_e - mean)) ≈ 1 ± s·spread; s_i
+# is chosen on check tokens so that s_i · (largest logit spread seen) <= epsilon, and the error this
+# introduces is measured end to end on those tokens and reported (a later layer's near-tie can still flip
+# because an earlier layer's output moved slightly: the measurement counts those too). With top_k == E the router is zeroed:
+# every weight is exactly 1/E (or 1/k) and the export reproduces moeconv's model (the dense model for an
+# identity conversion) up to float rounding.
 
 from __future__ import annotations
 
@@ -85,6 +85,11 @@ def _selection(logits: torch.Tensor, top_k: int, scoring: str, normalize: bool) 
     return ids.sort(-1).values, weights
 
 
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean negative log-likelihood of each next check token.  logits [B, T, V], ids [B, T]"""
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
+
+
 def apply_routing(model: nn.Module, moe: dict, rmap: RoutingMap) -> None:
     """Make moeconv's own blocks compute what the target will (in place): the mapped model, for measuring."""
     for i, block in moe_blocks(model, moe).items():
@@ -133,6 +138,8 @@ def calibrate(model: nn.Module, moe: dict, rmap: RoutingMap, ids: torch.Tensor, 
             deviation = max(deviation, float((weights[same] * rmap.expert_scale - 1).abs().max()))
     diff = (mapped - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-30)  # [B, T]
     rmap.measured = {
+        "check_nll": _next_token_nll(reference, ids),
+        "check_nll_mapped": _next_token_nll(mapped, ids),
         "check_tokens": int(ids.numel()),
         "logits_rel_error": float((mapped - reference).norm() / reference.norm()),
         "max_token_rel_error": float(diff.max()),
