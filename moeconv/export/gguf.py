@@ -98,7 +98,7 @@ class GGUFTarget(ExportTarget):
                  f"tokenizer {vocab}"]
         stored = _source_types(src) - {"F32", "F16", "BF16"}
         if stored:
-            notes.append(f"the source GGUF stores {'/'.join(sorted(stored))}: its dequantized weights are re-quantized to {qtype}")
+            notes.append(f"the source GGUF stores {'/'.join(sorted(stored))}: its weights, dequantized on reading, are stored as {qtype}")
         if arch == "qwen2moe":
             notes.append("shared expert gate: a 2^-40-scaled vector, sigmoid = 1/2 to float32 precision; shared down_proj x 2")
             if not src.moe.get("shared_size"):
