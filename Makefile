@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # can run `make setup TORCH_SPEC=` to keep the torch already installed in the venv.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint bench clean
+.PHONY: setup test test-fast test-slow lint bench clean
 
 setup:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,10 +18,15 @@ setup:
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 
 test:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check moeconv cli tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not real_model" tests
+	$(BIN)/python -m pytest -q -m "not real_model and not slow" tests
+
+# Thousands of fuzzed inputs and randomized kill points: what the default suite samples, at full scale.
+test-slow:
+	$(BIN)/python -m pytest -q -rA -m slow tests
 
 lint:
 	$(BIN)/ruff check moeconv cli tests benchmarks

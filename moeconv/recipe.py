@@ -82,7 +82,7 @@ class ConvertRecipe(Strict):
         return self.train_router and not (self.top_k == self.experts and self.scoring == "none")
 
     def needs_calibration(self, partitioner_needs: bool) -> bool:
-        return partitioner_needs or self.trains_router or self.refits or self.dag is not None
+        return partitioner_needs or self.trains_router or self.refits or self.shared_neurons > 0 or self.dag is not None
 
 
 def parse_size(text: str) -> int:

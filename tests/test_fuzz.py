@@ -136,7 +136,7 @@ def test_fuzz_index_json(tiny, tmp_path_factory, request, capsys):
     tally.report(capsys)
 
 
-def _tiny_gguf(path: Path) -> None:
+def _tiny_gguf(path: Path, block_count: int = 2) -> None:
     """A 2-layer llama GGUF (F32) with a byte-level vocabulary, written with the gguf package."""
     import gguf
 
@@ -144,7 +144,7 @@ def _tiny_gguf(path: Path) -> None:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(64)
     w.add_embedding_length(d)
-    w.add_block_count(2)
+    w.add_block_count(block_count)
     w.add_feed_forward_length(ff)
     w.add_head_count(heads)
     w.add_head_count_kv(heads)
@@ -202,6 +202,14 @@ def test_fuzz_gguf(tmp_path_factory, request, capsys):
 
     check()
     tally.report(capsys)
+
+
+def test_gguf_claiming_a_million_layers_fails_fast(tmp_path):
+    """Found by the fuzzer: a flipped block count made transformers' name mapping loop for minutes and eat gigabytes."""
+    path = tmp_path / "model.gguf"
+    _tiny_gguf(path, block_count=1_000_000)
+    with pytest.raises(MoeconvError, match="says 1000000 layers, its tensors hold 2"):
+        open_checkpoint(path)
 
 
 CONFIG_FIELDS = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

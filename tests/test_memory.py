@@ -5,13 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from scale import run  # noqa: E402
 
 
-@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
     rows = run([4, 32], hidden=768, ffn=2048, experts=8, top_k=2, work=tmp_path)
     small, deep = rows

@@ -81,6 +81,21 @@ def test_single_file_bin_source_converts_like_safetensors(src, tmp_path):
         assert torch.equal(tensor, load_file(str(ref / shard))[name]), name
 
 
+def test_malicious_pickle_is_never_executed(src, tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    (src / "model.safetensors").unlink()
+    with open(src / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"model.embed_tokens.weight": Evil()}, fh)
+    result = run("convert", str(src), str(tmp_path / "out"), *IDENTITY)
+    one_line_error(result.output, 2, result.exit_code, "cannot be read safely")
+    assert not (tmp_path / "ran").exists()
+
+
 # 2. two runs into the same OUT
 def test_second_run_into_a_locked_out_is_refused_at_once(src, tmp_path):
     out = tmp_path / "out"
@@ -181,15 +196,21 @@ def test_nan_in_the_embeddings_is_named(src, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# 5. a tokenizer that names custom code: its code is never run and never asked about; the files it ships are used
-def test_tokenizer_naming_custom_code_never_runs_it_nor_prompts(src, tmp_path):
+# 5. a tokenizer that names custom code: its code is never run and never asked about
+@pytest.mark.parametrize("local_class", [True, False], ids=["with-local-class", "custom-only"])
+def test_tokenizer_naming_custom_code_never_runs_it_nor_prompts(src, tmp_path, local_class):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]}
+    if not local_class:
+        del cfg["tokenizer_class"]
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     (src / "evil_tokenizer.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
     result = cli("convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2", "--calib-tokens", "512",
                  "--seqlen", "32", "-q")
-    assert result.returncode == 0, result.stderr
+    if local_class:  # the files it ships are a stock tokenizer: used as such
+        assert result.returncode == 0, result.stderr
+    else:
+        one_line_error(result.stderr, 2, result.returncode, "needs its own code, which moeconv never runs")
     assert "[y/N]" not in result.stdout + result.stderr and not (tmp_path / "ran").exists()
 
 
@@ -291,6 +312,15 @@ def test_identity_needs_no_calibration_text(src, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("convert", str(src), str(tmp_path / "out2"), "--experts", "4", "--top-k", "2", "-q")
     one_line_error(result.output, 2, result.exit_code, "calibration needs a tokenizer", "has no tokenizer")
+
+
+def test_shared_neurons_without_router_training_gets_its_calibration(src, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text(8000))
+    result = run("convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2", "--shared-neurons", "8",
+                 "--no-router-training", "--no-refit", "--calib", str(text), "--calib-tokens", "512", "--seqlen", "32", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["moe"]["shared_size"] == 8
 
 
 # 9. SIGTERM, logs, and a resume fingerprint that covers config.json

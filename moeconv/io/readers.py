@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -200,12 +201,22 @@ class GGUFReader(CheckpointReader):
 
         self.path = file
         try:
+            import gguf
+
+            names = [t.name for t in gguf.GGUFReader(str(file)).tensors]
             self.config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+            blocks = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+            layers = getattr(self.config, "num_hidden_layers", None)
+            if blocks and layers != max(blocks) + 1:  # before building (and name-mapping) a model of that many layers
+                raise CheckpointError(f"{file} does not match its own metadata: it says {layers} layers, its tensors hold "
+                                      f"{max(blocks) + 1}; the file is corrupt: re-download or re-export it")
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(self.config)
             loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
         except ImportError:
             raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - gguf/numpy/struct raise many types for a truncated or corrupt file
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CheckpointError(f"cannot read {file} as GGUF ({first}); the file is truncated, corrupt or not a model") from None
