@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moeconv.dag import DagConfig, attach_dag
+from moeconv.config import DagConfig
+from moeconv.dag import attach_dag
 from moeconv.kernels import kernel_status
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
 

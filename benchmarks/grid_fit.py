@@ -12,8 +12,9 @@ import argparse
 
 from quality import real_model
 
+from moeconv.config import QuantSpec
 from moeconv.io.readers import open_checkpoint
-from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.quant.grids import dequantize, quantize_rtn
 
 
 def main() -> None:

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import torch
 
+from moeconv.config import RefitConfig, load_recipe
 from moeconv.convert import convert
 from moeconv.eval.perplexity import EvalSettings, evaluate_model
 from moeconv.prune import prune_checkpoint
-from moeconv.recipe import load_recipe
-from moeconv.refit import RefitConfig
 
 
 def real_model() -> Path:
@@ -98,7 +97,8 @@ def finetune_like_dagkl(base: Path, out: Path, gguf: Path, args) -> None:
     KL only; lr 1e-4 (heal's default for whole-model training; 1e-3 suits the aggregators, which start at zero)."""
     from moeconv.calib.capture import tokenize_windows
     from moeconv.calib.sources import load_text
-    from moeconv.dag.end_to_end import DagEndToEndConfig, split_windows, training_plan
+    from moeconv.config import DagEndToEndConfig
+    from moeconv.dag.end_to_end import split_windows, training_plan
     from moeconv.heal import heal, write_like_student
     from moeconv.io.load import load_model, load_tokenizer
     from moeconv.io.writer import PartialOutput

@@ -24,10 +24,10 @@ from transformers import AutoModelForCausalLM
 
 from moeconv.calib.sources import load_text
 from moeconv.calib.tokenize import cut_windows, tokenize_source
+from moeconv.config import load_quant_recipe
 from moeconv.eval.perplexity import evaluate_perplexity
 from moeconv.io.load import load_model, load_tokenizer
 from moeconv.io.readers import open_checkpoint
-from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import quantize
 
 CONFIGS = {  # name -> recipe overrides (recipes: configs/gptq-int4.yaml, configs/qmoe-ternary.yaml)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import transformers
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -36,7 +37,6 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     for noisy in ("transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     try:
-        import transformers
 
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - cosmetics only

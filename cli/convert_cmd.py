@@ -10,10 +10,9 @@ import typer
 from rich.table import Table
 
 from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progress, setup_logging, stdout
+from moeconv.config import RefitConfig, load_recipe
 from moeconv.convert import ConvertPlan, convert
 from moeconv.io.load import resolve_device
-from moeconv.recipe import load_recipe
-from moeconv.refit import RefitConfig
 
 
 def _plan_table(plan: ConvertPlan) -> Table:

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from moeconv.cli.common import emit_json, guarded, layer_progress, setup_logging, stdout
-from moeconv.convert import ProgressEvent
+from moeconv.config import CalibrationSpec
+from moeconv.dag.add import add_dag
 from moeconv.errors import MoeconvError
 from moeconv.io.load import resolve_device
-from moeconv.recipe import CalibrationSpec
+from moeconv.jobs import ProgressEvent
 
 OBJECTIVES = ("layer", "kl", "layer+kl")
 
@@ -40,7 +41,6 @@ def dag_command(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Add a DAG-MoE aggregator to every MoE layer, distilled to the dense model (per layer, or end to end with --objective kl)."""
-    from moeconv.dag.add import add_dag
 
     setup_logging(verbose, quiet)
     if objective not in OBJECTIVES:

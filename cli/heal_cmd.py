@@ -2,51 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moeconv.cli.common import console, emit_json, guarded, live_progress, setup_logging, stdout
-from moeconv.errors import CheckpointError, RecipeError
-from moeconv.heal import HealEvent, distill_metrics, heal, heal_config, write_like_student
-from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
-from moeconv.io.writer import PartialOutput
-
-CHECKPOINT = "heal-state"
-
-
-def _recipe_block(path: Path | None) -> dict:
-    """The `heal:` block of a convert recipe, or a whole file of heal fields."""
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist; pass a YAML file with a heal: block")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path} must hold a mapping (a heal: block or heal fields)")
-    block = data.get("heal", data) if "heal" in data else data
-    if not isinstance(block, dict):
-        raise RecipeError(f"{path}: heal: must be a mapping of heal fields")
-    return dict(block)
-
-
-def _fingerprint(student: str, teacher: str, config_json: str) -> str:
-    digest = hashlib.sha256(f"{Path(teacher).resolve()}|{config_json}".encode())
-    folder = Path(student)
-    for f in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
-        if f.is_file():
-            digest.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    return digest.hexdigest()
+from moeconv.heal import HealEvent, heal_checkpoint, heal_settings
 
 
 @guarded
@@ -75,46 +38,15 @@ def heal_command(
 ) -> None:
     """Train every parameter of STUDENT end to end to match TEACHER's logits (KL + LM loss), under the student's routing."""
     setup_logging(verbose, quiet)
-    block = _recipe_block(recipe)
     overrides = {"tokens": heal_tokens, "source": heal_source, "seqlen": seqlen, "batch": batch, "micro_batch": micro_batch,
                  "lr": lr, "router_lr": router_lr, "freeze_router": freeze_router, "checkpoint_every": checkpoint_every}
-    config = heal_config({**block, **{k: v for k, v in overrides.items() if v is not None}}, str(recipe or "heal options"))
-    student_dir = Path(student)
-    moe = is_moeconv_checkpoint(student_dir)
-    if moe and json.loads((student_dir / "config.json").read_text()).get("moe", {}).get("quant"):
-        raise RecipeError(f"{student} is quantized; heal the unquantized MoE, then quantize it")
-    with PartialOutput(out, _fingerprint(student, teacher, config.model_dump_json()), resume=resume, force=force) as partial:
-        try:
-            tokenizer = load_tokenizer(student)
-        except CheckpointError:
-            tokenizer = load_tokenizer(teacher)
-        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(student, "float32", dev)
-        dense = load_model(teacher, "float32", dev)
-
-        evals = {}
-        held = None
-        if eval_tokens:
-            from moeconv.calib.capture import tokenize_windows
-            from moeconv.calib.sources import load_text
-
-            held = tokenize_windows(tokenizer, load_text(eval_source), eval_tokens, config.seqlen)
-            evals["before"] = distill_metrics(model, dense, held)
-        with _steps_bar(not (quiet or json_out)) as progress:
-            metrics = heal(model, dense, tokenizer, config, partial.path / CHECKPOINT, progress, device=dev, resume=resume)
-        if held is not None:
-            evals["after"] = distill_metrics(model, dense, held)
-        if moe or (student_dir.is_dir() and any(student_dir.glob("*.safetensors"))):
-            write_like_student(model, student_dir, partial)
-        else:  # a .gguf or .bin dense student: written as a transformers folder
-            partial.write_saved(model.save_pretrained)
-            partial.write_saved(tokenizer.save_pretrained)
-        summary = {k: v for k, v in metrics.items() if k != "history"}
-        partial.write_json("heal.json", {**metrics, "teacher": teacher, "student": student, "eval": evals})
-        shutil.rmtree(partial.path / CHECKPOINT, ignore_errors=True)
-        partial.finalize()
+    config = heal_settings(recipe, overrides)
+    with _steps_bar(not (quiet or json_out)) as progress:
+        result = heal_checkpoint(student, out, teacher, config, eval_tokens=eval_tokens, eval_source=eval_source,
+                                 device=device, force=force, resume=resume, progress=progress)
+    metrics, evals = result, result["eval"]
     if json_out:
-        emit_json({"out": str(out), **summary, "eval": evals})
+        emit_json({"out": str(out), **result})
     elif not quiet:
         final, peak = metrics["final"], metrics["grad_norm_max"]
         line = (f"wrote {out}: {metrics['steps']} steps, {metrics['tokens']} tokens in {metrics['seconds']:.0f} s; "

@@ -5,9 +5,13 @@ from __future__ import annotations
 import platform
 from typing import Annotated
 
+import safetensors
+import torch
+import transformers
 import typer
 from rich.table import Table
 
+import moeconv
 from moeconv.cli.common import emit_json, guarded, setup_logging, stdout
 from moeconv.inspect import inspect_checkpoint
 
@@ -34,18 +38,14 @@ def inspect_command(
 
 
 def env_info() -> dict:
-    import safetensors
-    import torch
-    import transformers
 
-    import moeconv
 
     info = {"moeconv": moeconv.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "safetensors": safetensors.__version__,
             "cuda": torch.cuda.is_available(), "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "cpu_threads": torch.get_num_threads()}
     try:
-        from moeconv.kernels import kernel_status
+        from moeconv.kernels import kernel_status  # inside the try: a broken native build must not break `moeconv env`
 
         info["kernels"] = kernel_status()
     except ImportError as err:

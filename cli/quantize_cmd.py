@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progress, setup_logging, stdout
+from moeconv.config import load_quant_recipe
 from moeconv.io.load import resolve_device
-from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import QuantizePlan, quantize
 
 

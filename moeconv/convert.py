@@ -2,46 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from safetensors.torch import load_file
 
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.errors import MoeconvError, RecipeError
+from moeconv.config import ConvertRecipe, parse_size
+from moeconv.dtypes import DTYPES, output_dtype
+from moeconv.errors import RecipeError
+from moeconv.heal import HealEvent, heal, write_like_student
+from moeconv.heal.checkpoint import CHECKPOINT_DIR
 from moeconv.io.adapters import FamilyAdapter, adapter_for
-from moeconv.io.files import write_error
 from moeconv.io.layout import LayerLayout, moe_settings, output_config
-from moeconv.io.load import load_tokenizer, save_tokenizer_files
+from moeconv.io.load import load_model, load_tokenizer
 from moeconv.io.readers import CheckpointReader, open_checkpoint
-from moeconv.io.writer import PartialOutput, check_out_path, plan_shards, shard_name
+from moeconv.io.writer import PartialOutput, plan_shards, shard_name
+from moeconv.jobs import (
+    ProgressEvent,
+    ProgressFn,
+    check_destination,
+    fingerprint,
+    provenance,
+    run_job,
+    write_checkpoint_files,
+)
 from moeconv.partition import get_partitioner
-from moeconv.recipe import ConvertRecipe, dump_recipe, parse_size
-from moeconv.stages import LayerContext, build_block, run_layer_stages
+from moeconv.stages import LayerContext, build_block, layer_stages, run_layer_stages
 
 log = logging.getLogger(__name__)
-HEAL_STATE = "heal-state"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ProgressEvent:
-    """What the pipeline is doing: `(layer i/N) stage`."""
-
-    stage: str
-    layer: int | None = None
-    layers: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-ProgressFn = Callable[[ProgressEvent], None]
 
 
 @dataclass
@@ -73,21 +67,6 @@ class ConvertPlan:
         return sum(self.unit_bytes)
 
 
-def _check_paths(src: str, out: Path) -> None:
-    src_path = Path(src).expanduser().resolve()
-    target = out.expanduser().resolve()
-    if src_path.exists() and (target == src_path or src_path in target.parents or target in src_path.parents):
-        raise MoeconvError(f"OUT {out} overlaps the source {src}; choose an OUT outside the source so the input stays untouched")
-
-
-def _output_dtype(recipe: ConvertRecipe, reader: CheckpointReader) -> str:
-    if recipe.dtype != "auto":
-        return recipe.dtype
-    source = getattr(reader.config, "dtype", None) or getattr(reader.config, "torch_dtype", None)
-    name = str(source).replace("torch.", "") if source is not None else "float32"
-    return name if name in DTYPES else "float32"
-
-
 def validate(recipe: ConvertRecipe, adapter: FamilyAdapter, reader: CheckpointReader) -> tuple[int, int]:
     """(expert_size, shared_size) or a RecipeError naming the fix."""
     d_ff = adapter.d_ff(reader.config)
@@ -105,7 +84,7 @@ def validate(recipe: ConvertRecipe, adapter: FamilyAdapter, reader: CheckpointRe
 
 def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe: ConvertRecipe) -> tuple[ConvertPlan, LayerLayout]:
     expert_size, shared_size = validate(recipe, adapter, reader)
-    dtype = _output_dtype(recipe, reader)
+    dtype = output_dtype(recipe.dtype, reader.config)
     layout = LayerLayout(reader, adapter, moe_settings(recipe, adapter, reader.config, expert_size, shared_size), DTYPES[dtype])
     unit_bytes = [layout.unit_bytes(u) for u in range(layout.num_units)]
     shards = plan_shards(unit_bytes, parse_size(recipe.max_shard_size))
@@ -117,10 +96,8 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     # normal equations, the Cholesky factor and the held-out rows (float64 N x N twice, N x d, T/10 x (N + d) float32)
     refit_bytes = (2 * d_ff * d_ff + d_ff * d) * 8 + calib // 10 * (d_ff + d) * 4 if recipe.refits and calib else 0
     peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0] + refit_bytes
-    stages = [f"partition ({recipe.partition.method})"]
-    if calib:
-        stages += [name for name, on in (("router", recipe.trains_router), ("refit", recipe.refits),
-                                         ("dag", recipe.dag is not None)) if on]
+    stages = [f"partition ({recipe.partition.method})" if name == "partition" else name
+              for name, _ in layer_stages(recipe, calibrated=calib > 0)]
     if recipe.heal is not None:
         stages.append("heal")
     total, active = layout.parameter_counts()
@@ -132,12 +109,6 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
         peak_bytes_estimate=peak, tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
     )
     return plan, layout
-
-
-def fingerprint(reader: CheckpointReader, recipe: BaseModel, calib_fp: str) -> str:
-    """Identifies (source, recipe, calibration data): a partial output may only be resumed under the same one."""
-    blob = json.dumps({"source": reader.fingerprint(), "recipe": recipe.model_dump(mode="json"), "calib": calib_fp}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def convert(
@@ -153,7 +124,7 @@ def convert(
 ) -> ConvertPlan | dict:
     """Convert SRC into a MoE checkpoint at OUT.  Returns the plan (dry run) or the provenance."""
     out = Path(out)
-    _check_paths(src, out)
+    check_destination(src, out, force=True)  # OUT's own state is checked after the plan, which --dry-run prints regardless
     progress(ProgressEvent("reading source"))
     reader = open_checkpoint(src, validate=False)
     adapter = adapter_for(reader.config)  # an unsupported family is named as such, before its tensors are checked
@@ -161,9 +132,7 @@ def convert(
     plan, layout = make_plan(src, reader, adapter, recipe)
     if dry_run:
         return plan
-    check_out_path(out)
-    if out.exists() and not force:
-        raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
+    check_destination(src, out, force)
 
     windows, calib_fp = None, "none"
     if plan.calibration_tokens:
@@ -172,16 +141,12 @@ def convert(
         tokenizer = load_tokenizer(reader.path, purpose="calibration")
         windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
         calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
-    with PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force) as partial:
-        try:
-            return _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress)
-        except OSError as err:
-            raise write_error(partial.path, err) from None
+    return run_job(out, fingerprint(reader, recipe, calib_fp),
+                   lambda partial: _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress),
+                   force=force, resume=resume, progress=progress)
 
 
 def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, device, progress) -> dict:
-    from safetensors.torch import load_file
-
     names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
     todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
     first_layer = min((u - 1 for s in todo for u in plan.shards[s] if u > 0), default=plan.layers)
@@ -239,26 +204,15 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, dev
     progress(ProgressEvent("writing config, code and tokenizer"))
     weight_map = {t: names[s] for s, units in enumerate(plan.shards) for u in units for t in layout.unit_names(u)}
     partial.write_index(weight_map, plan.output_bytes)
-    partial.write_text("config.json", json.dumps(output_config(reader.config, layout.moe, plan.dtype), indent=2, sort_keys=True) + "\n")
-    partial.write_modeling_code()
-    partial.write_text("recipe.yaml", dump_recipe(recipe))
-    tokenizer_saved = save_tokenizer_files(reader, partial)
-    provenance = {
-        "source": plan.source,
-        "source_sha256": reader.fingerprint(),
-        "calibration": calib_fp,
-        "versions": _versions(),
-        "tokenizer": tokenizer_saved,
-        "parameters": {"total": plan.total_params, "active": plan.active_params},
-        "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
-    }
+    tokenizer_saved = write_checkpoint_files(partial, output_config(reader.config, layout.moe, plan.dtype), recipe, reader)
+    record = provenance(plan.source, reader, calib_fp, tokenizer_saved,
+                        parameters={"total": plan.total_params, "active": plan.active_params},
+                        layers={i: metrics[i] for i in sorted(metrics, key=int)})
     if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place
-        provenance["heal"] = _heal_partial(plan.source, partial, recipe, device, progress)
-    partial.write_json("provenance.json", provenance)
+        record["heal"] = _heal_partial(plan.source, partial, recipe, device, progress)
+    partial.write_json("provenance.json", record)
     (partial.path / "layer-metrics.json").unlink(missing_ok=True)  # kept until here: a resumed heal still reports them
-    partial.finalize()
-    progress(ProgressEvent("complete"))
-    return provenance
+    return record
 
 
 def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, device: torch.device, progress: ProgressFn) -> dict:
@@ -267,8 +221,6 @@ def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, devic
     Checkpoints live in OUT.partial/heal-state; heal saves one after its last step too, so a run killed
     while the healed shards are rewritten resumes from that state rather than from mixed shards.
     """
-    from moeconv.heal import HealEvent, heal, write_like_student
-    from moeconv.io.load import load_model, load_tokenizer
 
     device = str(device)
     progress(ProgressEvent("loading student and teacher for heal"))
@@ -280,21 +232,11 @@ def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, devic
         if event.stage == "step":
             progress(ProgressEvent(f"heal step {event.step}/{event.steps}, KL {event.metrics['kl']:.3f}"))
 
-    metrics = heal(student, teacher, tokenizer, recipe.heal, partial.path / HEAL_STATE, on_event, device=device)
+    metrics = heal(student, teacher, tokenizer, recipe.heal, partial.path / CHECKPOINT_DIR, on_event, device=device)
     progress(ProgressEvent("writing healed weights"))
     write_like_student(student, partial.path, partial)
-    shutil.rmtree(partial.path / HEAL_STATE, ignore_errors=True)
+    shutil.rmtree(partial.path / CHECKPOINT_DIR, ignore_errors=True)
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
-def _versions() -> dict[str, str]:
-    import safetensors
-    import transformers
-
-    import moeconv
-
-    return {"moeconv": moeconv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__}
-
-
-__all__ = ["convert", "make_plan", "ConvertPlan", "ProgressEvent"]
+__all__ = ["convert", "make_plan", "ConvertPlan"]

@@ -8,9 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeconv.calib.capture import tokenize_windows
+from moeconv.calib.sources import load_text
+from moeconv.config import RefitConfig
 from moeconv.errors import MoeconvError, RecipeError
 from moeconv.io.adapters import FamilyAdapter, adapter_for
-from moeconv.refit import HeldOut, NormalEquations, RefitConfig, refit_with_holdout
+from moeconv.io.load import load_model, load_tokenizer
+from moeconv.io.writer import PartialOutput
+from moeconv.jobs import check_destination, job_fingerprint, run_job
+from moeconv.refit import HeldOut, NormalEquations, refit_with_holdout
 
 log = logging.getLogger(__name__)
 
@@ -174,22 +180,19 @@ def prune_checkpoint(
 ) -> dict:
     """Write SRC pruned to keep_fraction of its FFN neurons (largest mean |activation| on the calibration
     text) as a transformers folder at OUT, through OUT.partial.  -> the pruning metrics."""
-    from moeconv.calib.capture import tokenize_windows
-    from moeconv.calib.sources import load_text
-    from moeconv.io.load import load_model, load_tokenizer
-    from moeconv.io.writer import PartialOutput
 
     out = Path(out)
-    if out.exists() and not force:
-        raise MoeconvError(f"{out} already exists; pass force=True to replace it or choose another OUT")
+    check_destination(src, out, force)
     model = load_model(src, "float32", "cpu")
     tokenizer = load_tokenizer(src)
     windows = tokenize_windows(tokenizer, load_text(calib_source), calib_tokens, seqlen)  # [N, L]
     prune_ffn_to_active(model, keep_fraction, windows, refit=refit)
     tag = f"prune:{src}:{keep_fraction}:{calib_source}:{calib_tokens}:{seqlen}:{refit.model_dump_json() if refit else None}"
-    with PartialOutput(out, tag, resume=False, force=force) as partial:
+
+    def work(partial: PartialOutput) -> dict:
         partial.write_saved(model.save_pretrained)
         partial.write_saved(tokenizer.save_pretrained)
         partial.write_json("provenance.json", {"source": str(src), "prune": tag, "metrics": model.prune_metrics})
-        partial.finalize()
-    return model.prune_metrics
+        return model.prune_metrics
+
+    return run_job(out, job_fingerprint(tag=tag), work, force=force, resume=False)

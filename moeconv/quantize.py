@@ -11,26 +11,26 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import moeconv.io.load  # noqa: F401 - registers the moeconv config/model classes with transformers' Auto*
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.convert import DTYPES, ProgressEvent, ProgressFn, _check_paths, _output_dtype, _versions, fingerprint
+from moeconv.config import QuantRecipe, QuantSpec, parse_size
+from moeconv.dtypes import DTYPES, itemsize_of_code, output_dtype
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.io.adapters import adapter_for
-from moeconv.io.files import write_error
 from moeconv.io.layout import output_config
-from moeconv.io.load import load_tokenizer, save_tokenizer_files
+from moeconv.io.load import load_tokenizer
 from moeconv.io.readers import CheckpointReader, open_checkpoint
-from moeconv.io.writer import PartialOutput, check_out_path, plan_shards, shard_name
+from moeconv.io.writer import PartialOutput, plan_shards, shard_name
+from moeconv.jobs import ProgressEvent, ProgressFn, check_destination, fingerprint, provenance, run_job, write_checkpoint_files
 from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
-from moeconv.quant.grids import QuantizedTensor, QuantSpec
+from moeconv.quant.grids import QuantizedTensor
 from moeconv.quant.packing import format_dict, pack, stored_bits_of_format, unpack
 from moeconv.quant.pipeline import LayerResult, per_expert_modules, quantizable, quantize_layer, rtn_layer, weight_of
-from moeconv.quant.recipe import QuantRecipe
-from moeconv.recipe import dump_recipe, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         raise RecipeError(f"nothing to quantize in {src}: every linear is excluded; check the recipe's `exclude` patterns")
     spec = recipe.spec
     _check_group_size(spec, modules)
-    dtype = _output_dtype(recipe, reader)
+    dtype = output_dtype(recipe.dtype, reader.config)
     tied = getattr(reader.config, "tie_word_embeddings", False)
     unit_of = {}
     for k in reader.keys():
@@ -157,13 +157,13 @@ def quantize(
 ) -> QuantizePlan | dict:
     """Quantize SRC's decoder-layer linears into a moeconv checkpoint at OUT.  Returns the plan (dry run) or the provenance."""
     out = Path(out)
-    _check_paths(src, out)
+    check_destination(src, out, force=True)  # OUT's own state is checked after the plan, which --dry-run prints regardless
     progress(ProgressEvent("reading source"))
     reader = open_checkpoint(src)
     plan, ctx = make_plan(src, reader, recipe)
     if dry_run:
         return plan
-    check_out_path(out)
+    check_destination(src, out, force)
     windows, calib_fp = None, "none"
     if recipe.needs_calibration:
         progress(ProgressEvent("tokenizing calibration text"))
@@ -174,16 +174,12 @@ def quantize(
             raise CheckpointError(f"GPTQ's calibration needs a tokenizer ({err}); add one to {src} or use --method rtn") from None
         windows = tokenize_windows(tokenizer, text, recipe.calibration.tokens, recipe.calibration.seqlen)
         calib_fp = f"{text.fingerprint}:{windows.numel()}:{recipe.calibration.seqlen}"
-    with PartialOutput(out, fingerprint(reader, recipe, calib_fp), resume=resume, force=force) as partial:
-        try:
-            return _run(reader, recipe, plan, ctx, partial, windows, calib_fp, device, progress)
-        except OSError as err:
-            raise write_error(partial.path, err) from None
+    return run_job(out, fingerprint(reader, recipe, calib_fp),
+                   lambda partial: _run(reader, recipe, plan, ctx, partial, windows, calib_fp, device, progress),
+                   force=force, resume=resume, progress=progress)
 
 
 def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: PartialOutput, windows, calib_fp, device, progress) -> dict:
-    from safetensors.torch import load_file
-
     names = [shard_name(s, len(plan.shards)) for s in range(len(plan.shards))]
     todo = [s for s, name in enumerate(names) if not partial.has_shard(name)]
     first_layer = min((u - 1 for s in todo for u in plan.shards[s] if u > 0), default=plan.layers)
@@ -286,8 +282,6 @@ def _encode_sub1(partial: PartialOutput, names: list[str], metrics: dict, progre
     """Build the one shared dictionary from every layer's pair counts and re-encode the ternary buffers with it.
 
     Only the counts are stored (`quant.sub1_pair_counts`): the loader rebuilds the same table from them."""
-    from safetensors.torch import load_file
-
     progress(ProgressEvent("building the sub1 dictionary"))
     counts = sum(torch.tensor(m["pair_counts"]) for m in metrics.values())
     dictionary = sub1.build_dictionary(counts)
@@ -349,7 +343,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
             for key in h.keys():
                 sl = h.get_slice(key)
                 weight_map[key] = shard
-                bytes_of[key] = torch.Size(sl.get_shape()).numel() * _ITEMSIZE[sl.get_dtype()]
+                bytes_of[key] = torch.Size(sl.get_shape()).numel() * itemsize_of_code(sl.get_dtype())
     total = sum(bytes_of.values())
     params = sum(torch.Size(reader.shape(k)).numel() for k in ctx["unit_of"])
     partial.write_index(weight_map, total)
@@ -367,26 +361,16 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
         config["moe"], config["dtype"] = moe, plan.dtype
     else:
         config = output_config(reader.config, moe, plan.dtype)
-    partial.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    partial.write_modeling_code()
-    partial.write_text("recipe.yaml", dump_recipe(recipe))
+    tokenizer_saved = write_checkpoint_files(partial, config, recipe, reader)
     dictionary_bits = bytes_of.get(SUB1_PAIR_COUNTS_KEY, 0) * 8  # 9 x 64 bits: the table is rebuilt at load
-    provenance = {
-        "source": plan.source,
-        "source_sha256": reader.fingerprint(),
-        "calibration": calib_fp,
-        "versions": _versions(),
-        "tokenizer": save_tokenizer_files(reader, partial),
-        "quantization": {"format": spec.format, "group_size": spec.group_size, "method": recipe.method,
-                         "modules": len(moe["quant"]["modules"]), "sub1_dictionary_bits": dictionary_bits},
-        "bits": {**bits_summary(metrics, dictionary_bits),
-                 "whole_model": {"bits_per_parameter": 8 * total / max(params, 1), "parameters": params}},
-        "layers": {i: metrics[i] for i in sorted(metrics, key=int)},
-    }
-    partial.write_json("provenance.json", provenance)
-    partial.finalize()
-    progress(ProgressEvent("complete"))
-    return provenance
+    record = provenance(
+        plan.source, reader, calib_fp, tokenizer_saved,
+        quantization={"format": spec.format, "group_size": spec.group_size, "method": recipe.method,
+                      "modules": len(moe["quant"]["modules"]), "sub1_dictionary_bits": dictionary_bits},
+        bits={**bits_summary(metrics, dictionary_bits),
+              "whole_model": {"bits_per_parameter": 8 * total / max(params, 1), "parameters": params}},
+        layers={i: metrics[i] for i in sorted(metrics, key=int)},
+    )
+    partial.write_json("provenance.json", record)
+    return record
 
-
-_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "U8": 1, "I8": 1, "BOOL": 1}

@@ -18,36 +18,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from moeconv.config import RefitConfig
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
-
-
-class RefitConfig(BaseModel):
-    """Least-squares refit of the down projection (recipe block `refit:`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    # Measured on SmolLM2-135M (layers 0, 1, 5, 11 at (8,4), 16K tokens): the best ridge ranged from 0.01 to 0.5
-    # by layer, and the held-out windows picked the same value as unseen text did; so every candidate is tried.
-    damp: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], min_length=1,
-                              description="ridge strengths towards the dense weights (fractions of the mean Gram "
-                                          "diagonal); the one with the lowest held-out error is used")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="calibration tokens kept out of the fit to judge it: the last ones, i.e. the last windows")
-    chunk: int = Field(4096, ge=1, description="tokens per accumulation chunk (bounds memory)")
-
-    @field_validator("damp", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, int | float) else v
-
-    @field_validator("damp")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if any(d <= 0 for d in v):
-            raise ValueError(f"every damp must be > 0, got {v}")
-        return v
 
 
 def neuron_gates(ids: Tensor, weights: Tensor, expert_size: int, num_experts: int, shared_size: int) -> Tensor:

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moeconv.config import ConvertRecipe
+from moeconv.dag import distill_dag
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
+from moeconv.modeling.hf.dag import DagAggregator
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock, route
-from moeconv.partition import Partitioner, select_shared_neurons
-from moeconv.recipe import ConvertRecipe
+from moeconv.partition import Partitioner, PartitionResult, select_shared_neurons
 from moeconv.refit import neuron_gates, refit_down
-from moeconv.router import RouterConfig, train_router
+from moeconv.router import train_router
 
 
 @dataclass
@@ -30,55 +32,70 @@ class LayerContext:
     calib: Tensor | None = None  # [T, d] FFN inputs captured on calibration text
     shared: Tensor | None = None  # [shared_size] dense neuron ids, always active
     routed: Tensor | None = None  # [d_ff - shared_size] dense neuron ids, in expert order
+    pool: Tensor | None = None  # [d_ff - shared_size] dense neuron ids open to the partition
+    partition: PartitionResult | None = None
     router: Tensor | None = None  # [E, d]
     dag_state: dict[str, Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Callable[[str], None]) -> None:
-    recipe, ffn = ctx.recipe, ctx.ffn
-    all_neurons = torch.arange(ffn.d_ff)
-    if recipe.shared_neurons:
-        if ctx.calib is None:
-            raise RecipeError("shared_neurons needs calibration data to pick the most active neurons")
-        on_stage("shared")
-        ctx.shared = select_shared_neurons(ffn, ctx.calib, recipe.shared_neurons)
-        keep = torch.ones(ffn.d_ff, dtype=torch.bool)
-        keep[ctx.shared] = False
-        pool = all_neurons[keep]
-    else:
-        ctx.shared = all_neurons[:0]
-        pool = all_neurons
-    routed_ffn = ffn.select(pool)
-    on_stage("partition")
-    result = partitioner.partition(routed_ffn, recipe.experts, ctx.calib, ctx.generator, top_k=recipe.top_k)
-    order = torch.argsort(result.assignment, stable=True)
-    ctx.routed = pool[order]
-    ctx.metrics.update({f"partition_{k}": v for k, v in result.metrics.items()})
-    if recipe.trains_router and ctx.calib is not None:
-        on_stage("router")
-        router, metrics = train_router(
-            routed_ffn, result.assignment, ctx.calib, recipe.top_k, RouterConfig(**recipe.router), ctx.generator, init=result.router
-        )
-        ctx.metrics.update(metrics)
-    elif result.router is not None:
-        router = result.router
-    else:  # an untrained router: only sensible when every expert is selected (top_k == experts)
-        router = torch.randn(recipe.experts, ffn.d_model, generator=ctx.generator) * ffn.d_model**-0.5
-    ctx.router = router
-    if recipe.refits and ctx.calib is not None:
-        on_stage("refit")
-        refit_layer(ctx)
-    if recipe.dag is not None and ctx.calib is not None:
-        on_stage("dag")
-        from moeconv.dag import DagConfig, distill_dag
+def _select_shared(ctx: LayerContext, partitioner: Partitioner) -> None:
+    ctx.shared = select_shared_neurons(ctx.ffn, ctx.calib, ctx.recipe.shared_neurons)
+    keep = torch.ones(ctx.ffn.d_ff, dtype=torch.bool)
+    keep[ctx.shared] = False
+    ctx.pool = torch.arange(ctx.ffn.d_ff)[keep]
 
-        block = build_block(ctx, ffn.d_model)
-        block.dag = None  # distill_dag attaches a fresh, exactly neutral one drawn from the layer's generator
-        target = ffn.forward(ctx.calib)  # [T, d] the dense FFN output the MoE should reproduce
-        metrics = distill_dag(block, ctx.calib, target, DagConfig(**recipe.dag), ctx.generator)
-        ctx.dag_state = {k: v.detach().clone() for k, v in block.dag.state_dict().items()}
-        ctx.metrics.update({f"dag_{k}": v for k, v in metrics.items()})
+
+def _partition(ctx: LayerContext, partitioner: Partitioner) -> None:
+    recipe = ctx.recipe
+    ctx.partition = partitioner.partition(ctx.ffn.select(ctx.pool), recipe.experts, ctx.calib, ctx.generator, top_k=recipe.top_k)
+    ctx.routed = ctx.pool[torch.argsort(ctx.partition.assignment, stable=True)]
+    ctx.metrics.update({f"partition_{k}": v for k, v in ctx.partition.metrics.items()})
+    ctx.router = ctx.partition.router
+    if ctx.router is None:  # untrained: only sensible when every expert is selected (top_k == experts); else the router stage follows
+        d = ctx.ffn.d_model
+        ctx.router = None if recipe.trains_router and ctx.calib is not None else \
+            torch.randn(recipe.experts, d, generator=ctx.generator) * d**-0.5
+
+
+def _train_router(ctx: LayerContext, partitioner: Partitioner) -> None:
+    recipe = ctx.recipe
+    ctx.router, metrics = train_router(ctx.ffn.select(ctx.pool), ctx.partition.assignment, ctx.calib, recipe.top_k,
+                                       recipe.router, ctx.generator, init=ctx.partition.router)
+    ctx.metrics.update(metrics)
+
+
+def _refit(ctx: LayerContext, partitioner: Partitioner) -> None:
+    refit_layer(ctx)
+
+
+def _distill_dag(ctx: LayerContext, partitioner: Partitioner) -> None:
+    block = build_block(ctx, ctx.ffn.d_model)
+    block.dag = None  # distill_dag attaches a fresh, exactly neutral one drawn from the layer's generator
+    target = ctx.ffn.forward(ctx.calib)  # [T, d] the dense FFN output the MoE should reproduce
+    metrics = distill_dag(block, ctx.calib, target, ctx.recipe.dag, ctx.generator)
+    ctx.dag_state = {k: v.detach().clone() for k, v in block.dag.state_dict().items()}
+    ctx.metrics.update({f"dag_{k}": v for k, v in metrics.items()})
+
+
+Stage = Callable[[LayerContext, Partitioner], None]
+
+
+def layer_stages(recipe: ConvertRecipe, calibrated: bool) -> list[tuple[str, Stage]]:
+    """The stages every layer runs, in order: the one list that --dry-run prints and run_layer_stages executes."""
+    if recipe.shared_neurons and not calibrated:
+        raise RecipeError("shared_neurons needs calibration data to pick the most active neurons")
+    wanted = [("shared", _select_shared, recipe.shared_neurons > 0), ("partition", _partition, True),
+              ("router", _train_router, calibrated and recipe.trains_router), ("refit", _refit, calibrated and recipe.refits),
+              ("dag", _distill_dag, calibrated and recipe.dag is not None)]
+    return [(name, stage) for name, stage, on in wanted if on]
+
+
+def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Callable[[str], None]) -> None:
+    ctx.shared, ctx.pool = torch.arange(0), torch.arange(ctx.ffn.d_ff)  # no shared neurons unless that stage picks some
+    for name, stage in layer_stages(ctx.recipe, ctx.calib is not None):
+        on_stage(name)
+        stage(ctx, partitioner)
 
 
 def refit_layer(ctx: LayerContext) -> None:
@@ -111,7 +128,6 @@ def build_block(ctx: LayerContext, d_model: int) -> MoeconvMoeBlock:
     """The layer's MoE block with the dense weights moved into experts (float32, CPU)."""
     block = MoeconvMoeBlock(d_model, ctx.moe)
     if ctx.moe.get("dag"):
-        from moeconv.modeling.hf.dag import DagAggregator
 
         block.dag = DagAggregator(d_model, ctx.moe["top_k"], **ctx.moe["dag"])
     size = ctx.moe["expert_size"]

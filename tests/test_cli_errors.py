@@ -191,7 +191,7 @@ def test_progress_shows_each_layers_error_recall_and_load(monkeypatch):
     from rich.console import Console
 
     import moeconv.cli.common as common
-    from moeconv.convert import ProgressEvent
+    from moeconv.jobs import ProgressEvent
 
     sink = io.StringIO()
     monkeypatch.setattr(common, "console", Console(file=sink, width=200, force_terminal=False))

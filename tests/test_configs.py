@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moeconv.quant.recipe import load_quant_recipe
-from moeconv.recipe import load_recipe
+from moeconv.config import load_quant_recipe, load_recipe
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 QUANT = {"gptq-int4.yaml", "gptq-int4-q4_1.yaml", "qmoe-ternary.yaml"}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from moeconv.dag import DagAggregator, DagConfig, DagTrainConfig, attach_dag, distill_dag
+from moeconv.config import DagConfig, DagTrainConfig
+from moeconv.dag import DagAggregator, attach_dag, distill_dag
 from moeconv.errors import DataError, RecipeError
 from moeconv.ffn import DenseFFN
 from moeconv.modeling.hf.modeling_moeconv import build_moe_blocks

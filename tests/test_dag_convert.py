@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import build_dense, sample_text, save_char_tokenizer
+from moeconv.config import load_recipe
 from moeconv.convert import convert
 from moeconv.errors import RecipeError
 from moeconv.io.load import load_model
-from moeconv.recipe import load_recipe
 
 
 def test_convert_with_dag(tmp_path):
@@ -132,8 +132,9 @@ def test_dag_end_to_end_kl(tmp_path):
     from typer.testing import CliRunner
 
     from moeconv.cli.app import app
-    from moeconv.dag.distill import DagConfig, attach_dag
-    from moeconv.dag.end_to_end import DagEndToEndConfig, distill_end_to_end
+    from moeconv.config import DagConfig, DagEndToEndConfig
+    from moeconv.dag.distill import attach_dag
+    from moeconv.dag.end_to_end import distill_end_to_end
     from moeconv.heal import distill_metrics
 
     src, text, moe = dense_and_moe(tmp_path, top_k=1, initializer_range=0.3)  # peaked logits: a real KL to shrink

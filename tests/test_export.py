@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.cli.app import app
+from moeconv.config import load_recipe
 from moeconv.convert import convert
 from moeconv.export import check_ids, export
 from moeconv.export.source import open_source
 from moeconv.io.load import load_model
-from moeconv.recipe import load_recipe
 
 EXPORTABLE = ("llama", "mistral", "qwen2")
 # 4 experts x 20 neurons (shared: 16 + 4 x 16): float32 expert rows of a multiple of 16 bytes, which transformers'

@@ -14,12 +14,12 @@ from test_export import one_line_error, rel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import build_dense, sample_text, save_char_tokenizer
+from moeconv.config import load_recipe
 from moeconv.convert import convert
 from moeconv.export import ExportOptions, check_ids, export
 from moeconv.export.gguf_layout import to_interleaved_rope
 from moeconv.export.source import open_source
 from moeconv.io.load import load_model
-from moeconv.recipe import load_recipe
 
 VOCAB = 320
 

@@ -18,10 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moeconv.config import load_quant_recipe, load_recipe
 from moeconv.errors import MoeconvError
 from moeconv.io.readers import open_checkpoint
-from moeconv.quant.recipe import load_quant_recipe
-from moeconv.recipe import load_recipe
 
 # (default-suite examples, slow-suite examples) per target; the slow column sums to 10,500
 BUDGET = {"safetensors": (60, 3000), "index": (30, 1500), "gguf": (40, 2000), "config": (40, 2000), "recipe": (60, 2000)}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moeconv.config import QuantSpec
 from moeconv.errors import RecipeError
 from moeconv.quant.gptq import (
     HessianAccumulator,
@@ -10,7 +11,7 @@ from moeconv.quant.gptq import (
     gptq_quantize_batched,
     relative_output_error,
 )
-from moeconv.quant.grids import QuantSpec, dequantize, dequantize_codes, find_params, quantize_codes, quantize_rtn
+from moeconv.quant.grids import dequantize, dequantize_codes, find_params, quantize_codes, quantize_rtn
 
 LOW_BIT_SPECS = [QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(2, 32), QuantSpec("ternary"), QuantSpec(4, -1, True),
                  QuantSpec(4, 32, float_zeros=True), QuantSpec(3, -1, float_zeros=True)]
@@ -184,7 +185,7 @@ def test_row_terms_give_the_error_of_any_row_subset():
 
 
 def test_clip_search_in_gptq_lowers_output_error():
-    from moeconv.quant.grids import ClipSearch
+    from moeconv.config import ClipSearch
 
     x = _correlated_inputs(2048, 128, seed=16)
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(17)) ** 3 * 0.05  # heavy-tailed weights

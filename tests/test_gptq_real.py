@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from moeconv.config import QuantSpec
 from moeconv.quant.gptq import HessianAccumulator, gptq_quantize
-from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.quant.grids import dequantize, quantize_rtn
 
 pytestmark = pytest.mark.real_model
 

@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import build_dense, sample_text, save_char_tokenizer
+from moeconv.config import load_recipe
 from moeconv.convert import convert
 from moeconv.io.load import load_model
 from moeconv.kernels import native
-from moeconv.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")]

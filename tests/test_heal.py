@@ -9,16 +9,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import moeconv.heal as heal_mod
+import moeconv.convert as convert_mod
+import moeconv.heal.train as heal_train
 from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.calib.sources import TextSource
 from moeconv.cli.app import app
+from moeconv.config import HealConfig, heal_config, load_recipe
 from moeconv.convert import convert
 from moeconv.errors import DataError, MoeconvError, RecipeError
-from moeconv.heal import HealConfig, distill_metrics, heal, heal_config, parameter_groups, straight_through_routing
+from moeconv.heal import distill_metrics, heal, parameter_groups, straight_through_routing
+from moeconv.heal.groups import BODY, GROUPS
 from moeconv.io.load import load_model, load_tokenizer
 from moeconv.prune import neuron_importance, prune_ffn_to_active
-from moeconv.recipe import load_recipe
 
 SEQ = 32
 
@@ -61,7 +63,7 @@ def _load(models, which="moe"):
 
 def _body(model) -> dict[str, torch.Tensor]:
     groups = parameter_groups(model)
-    return {n: p.detach().clone() for g in heal_mod.BODY for n, p in groups[g]}
+    return {n: p.detach().clone() for g in BODY for n, p in groups[g]}
 
 
 def _routers(model) -> dict[str, torch.Tensor]:
@@ -124,10 +126,10 @@ def test_exploding_router_gradient_does_not_starve_other_groups(models, monkeypa
 
     # The same construction under one global clip (the measured pitfall) starves every other parameter.
     def global_clip(accelerator, params, body_params, config, state):
-        everything = [p for g in heal_mod.GROUPS for p in params[g]]
+        everything = [p for g in GROUPS for p in params[g]]
         return {"grad_norm_router": 0.0, "grad_norm_body": float(accelerator.clip_grad_norm_(everything, config.clip))}
 
-    monkeypatch.setattr(heal_mod, "_clip_groups", global_clip)
+    monkeypatch.setattr(heal_train, "_clip_groups", global_clip)
     student = _load(models)
     body0 = _body(student)
     hooks = _explode_router(student)
@@ -290,7 +292,7 @@ def test_convert_with_heal_block_heals_and_resumes_after_a_crash_while_writing(m
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(heal_mod, "write_like_student", crash)
+    monkeypatch.setattr(convert_mod, "write_like_student", crash)
     again = tmp_path / "again"
     with pytest.raises(KeyboardInterrupt):
         convert(str(models["dense"]), again, recipe)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeconv.config import RouterConfig
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
 from moeconv.partition import available_partitioners, get_partitioner, select_shared_neurons
 from moeconv.partition.dot import DotConfig, dot_loss
-from moeconv.router import RouterConfig, train_router
+from moeconv.router import train_router
 
 FAST_DOT = {"steps": 25, "batch": 64, "max_tokens": 256, "sinkhorn_iterations": 10}
 FAST = {"dot": FAST_DOT, "coact": {"max_tokens": 128}}

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from moeconv.config import QuantSpec
 from moeconv.errors import RecipeError
 from moeconv.modeling.hf.quant_linear import log8_levels
-from moeconv.quant.grids import QuantSpec, dequantize, find_params, log8_grid, make_quantized, quantize_rtn
+from moeconv.quant.grids import dequantize, find_params, log8_grid, make_quantized, quantize_rtn
 
 INT_SPECS = [QuantSpec(b, g, s, not s and fz) for b in (8, 4, 3, 2) for g in (-1, 16) for s in (False, True) for fz in (False, True)
              if not (s and fz)]
@@ -163,7 +164,7 @@ def test_rtn_rejects_non_matrix():
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 16), QuantSpec(3, 16, True), QuantSpec(2, -1)], ids=lambda s: s.format)
 def test_clip_search_never_worse_than_min_max_and_usually_better(spec):
-    from moeconv.quant.grids import ClipSearch
+    from moeconv.config import ClipSearch
 
     g = torch.Generator().manual_seed(11)
     w = torch.randn(64, 64, generator=g) ** 3  # heavy tails: clipping the extremes pays
@@ -176,7 +177,8 @@ def test_clip_search_never_worse_than_min_max_and_usually_better(spec):
 
 
 def test_clip_search_weights_columns():
-    from moeconv.quant.grids import ClipSearch, find_params
+    from moeconv.config import ClipSearch
+    from moeconv.quant.grids import find_params
 
     w = torch.tensor([[-1.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 8.0]])
     spec = QuantSpec(2, -1)

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from moeconv.config import QuantSpec
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.modeling.hf import quant_linear
 from moeconv.modeling.hf.quant_linear import QuantLinear, unpack_bits
 from moeconv.quant import sub1
-from moeconv.quant.grids import QuantSpec, dequantize, quantize_rtn
+from moeconv.quant.grids import dequantize, quantize_rtn
 from moeconv.quant.packing import pack, pack_bits, stored_bits_of_format, unpack
 
 # (spec, out, in): odd shapes, groups that are and are not the whole row

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,29 +16,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import build_dense, sample_text, save_char_tokenizer
+from conftest import build_dense, remote_code_logits, sample_text, save_char_tokenizer
+from moeconv.config import QuantSpec, load_quant_recipe, load_recipe
 from moeconv.convert import convert
 from moeconv.errors import CheckpointError, DataError, RecipeError
 from moeconv.io.load import load_model
 from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, SUB1_PAIR_COUNTS_KEY, QuantLinear, log8_levels
 from moeconv.quant import sub1
-from moeconv.quant.grids import QuantSpec, dequantize, find_params, quantize_rtn
+from moeconv.quant.grids import dequantize, find_params, quantize_rtn
 from moeconv.quant.packing import unpack
-from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import quantize
-from moeconv.recipe import load_recipe
-
-STANDALONE = textwrap.dedent(
-    """
-    import sys, json, torch
-    sys.modules["moeconv"] = None  # only the checkpoint's own modeling files may run
-    from transformers import AutoModelForCausalLM
-    for out, ids, dest in json.loads(sys.argv[1]):
-        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-        with torch.no_grad():
-            torch.save(model(torch.tensor(ids)).logits, dest)
-    """
-)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +92,8 @@ def test_round_trip_load_model_and_standalone(sources, tmp_path, source, bits):
     assert torch.allclose(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, _logits(load_model(sources[source], device="cpu", attn_implementation="eager")))
 
-    dest = tmp_path / "standalone.pt"
-    subprocess.run([sys.executable, "-c", STANDALONE, json.dumps([[str(out), _ids().tolist(), str(dest)]])], check=True, cwd=tmp_path)
-    assert torch.allclose(torch.load(dest, weights_only=True), expected, atol=1e-5, rtol=1e-5)
+    (standalone,) = remote_code_logits([(out, _ids().tolist(), tmp_path / "standalone.pt")], tmp_path)
+    assert torch.allclose(standalone, expected, atol=1e-5, rtol=1e-5)
 
     quant = json.loads((out / "config.json").read_text())["moe"]["quant"]
     assert quant["default"]["format"] == (bits if bits in ("ternary", "sub1") else f"int{bits}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moeconv.calib.sources import load_text
+from moeconv.config import load_quant_recipe
 from moeconv.io.load import load_model, load_tokenizer
-from moeconv.quant.recipe import load_quant_recipe
 from moeconv.quantize import quantize
 
 pytestmark = pytest.mark.real_model

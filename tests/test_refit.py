@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import build_dense, sample_text, save_char_tokenizer
+from moeconv.config import RefitConfig, load_recipe
 from moeconv.convert import convert
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
 from moeconv.io.load import load_model
 from moeconv.modeling.hf.moe_block import route
 from moeconv.prune import prune_ffn_to_active
-from moeconv.recipe import load_recipe
-from moeconv.refit import HeldOut, NormalEquations, RefitConfig, neuron_gates, refit_down, refit_with_holdout
+from moeconv.refit import HeldOut, NormalEquations, neuron_gates, refit_down, refit_with_holdout
 
 
 def _ffn(d: int = 24, d_ff: int = 60, seed: int = 0) -> DenseFFN:

@@ -5,13 +5,14 @@ import torch
 
 from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
+from moeconv.config import RefitConfig, RouterConfig
 from moeconv.io.adapters import adapter_for
 from moeconv.io.load import load_tokenizer
 from moeconv.io.readers import open_checkpoint
 from moeconv.modeling.hf.moe_block import route
 from moeconv.partition import get_partitioner
-from moeconv.refit import RefitConfig, neuron_gates, refit_down
-from moeconv.router import RouterConfig, train_router
+from moeconv.refit import neuron_gates, refit_down
+from moeconv.router import train_router
 
 pytestmark = pytest.mark.real_model
 EXPERTS, TOP_K, LAYERS = 8, 4, (0, 1)

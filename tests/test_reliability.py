@@ -357,9 +357,10 @@ def test_progress_off_a_terminal_is_plain_lines(src, tmp_path):
 def test_resume_refuses_a_changed_config(src, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "out.partial").mkdir()
-    from moeconv.convert import convert, fingerprint
+    from moeconv.config import load_recipe
+    from moeconv.convert import convert
     from moeconv.io.readers import open_checkpoint
-    from moeconv.recipe import load_recipe
+    from moeconv.jobs import fingerprint
 
     recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False})
     before = fingerprint(open_checkpoint(src), recipe, "none")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeconv.config import RouterConfig
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
-from moeconv.router import RouterConfig, expert_importance, moe_forward, train_router
+from moeconv.router import expert_importance, moe_forward, train_router
 from moeconv.router.reference import select_top_k
 
 

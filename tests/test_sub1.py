@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from moeconv.config import QuantSpec
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_LENGTH_SHIFT, build_sub1_table
 from moeconv.quant import sub1
-from moeconv.quant.grids import QuantizedTensor, QuantSpec
+from moeconv.quant.grids import QuantizedTensor
 from moeconv.quant.packing import pack
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,15 +11,17 @@ from safetensors.torch import load_file
 
 from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import load_text
-from moeconv.dag.distill import DagConfig, attach_dag, distill_dag
+from moeconv.config import CalibrationSpec, DagConfig
+from moeconv.dag.distill import attach_dag, distill_dag
 from moeconv.dag.end_to_end import distill_end_to_end
 from moeconv.errors import MoeconvError
 from moeconv.ffn import DenseFFN
 from moeconv.io.adapters import adapter_for
+from moeconv.io.files import folder_fingerprint
 from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
 from moeconv.io.readers import open_checkpoint
 from moeconv.io.writer import HF_FILES, PartialOutput
-from moeconv.recipe import CalibrationSpec
+from moeconv.jobs import check_destination, job_fingerprint, run_job
 
 
 def _check_source(src: Path, force: bool) -> dict:
@@ -100,6 +101,7 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     are then trained together on KL to the dense teacher's logits over the same calibration windows."""
     src, out = Path(src), Path(out)
     config = _check_source(src, force=force or resume)
+    check_destination(src, out, force)
     settings = DagConfig(**dag)
     moe = config["moe"]
     layer_local = settings.train.steps > 0 or settings.end_to_end is None  # end to end only: no per-layer step
@@ -108,10 +110,10 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
     progress("tokenizing calibration text", None, 0)
     text = load_text(calibration.source, calibration.text_field)
     windows = tokenize_windows(load_tokenizer(src), text, calibration.tokens, calibration.seqlen)
-    blob = json.dumps({"src": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")), "dag": settings.model_dump(),
-                       "teacher": teacher,
-                       "calib": [text.fingerprint, windows.numel()], "seed": seed}, sort_keys=True)
-    with PartialOutput(out, hashlib.sha256(blob.encode()).hexdigest(), resume=resume, force=force) as partial:
+    fingerprint = job_fingerprint(src=folder_fingerprint(src), dag=settings.model_dump(), teacher=teacher,
+                                  calib=[text.fingerprint, windows.numel()], seed=seed)
+
+    def work(partial: PartialOutput) -> dict:
         model = load_model(src, dtype="float32", device=str(device))
         blocks = [model.get_submodule(moe["ffn_path"].format(i=i)) for i in moe["layers"]]
         metrics, new_tensors = {}, {}
@@ -136,8 +138,9 @@ def add_dag(src: str | Path, out: str | Path, dag: dict, calibration: Calibratio
             prefix = moe["ffn_path"].format(i=i)
             new_tensors[prefix] = {f"{prefix}.dag.{k}": v.detach().cpu().contiguous() for k, v in block.dag.state_dict().items()}
         _write(src, partial, config, settings, new_tensors, {"layers": metrics, "end_to_end": joint})
-        partial.finalize()
         return {"layers": metrics, "end_to_end": joint}
+
+    return run_job(out, fingerprint, work, force=force, resume=resume)
 
 
 def _distill_layers(model: torch.nn.Module, blocks: list, layers: list[int], windows: torch.Tensor,

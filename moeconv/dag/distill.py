@@ -3,56 +3,19 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from moeconv.dag.end_to_end import DagEndToEndConfig
+from moeconv.config import DagConfig, DagTrainConfig
 from moeconv.errors import DataError, RecipeError
 from moeconv.modeling.hf.dag import DagAggregator
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
+from moeconv.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 EVAL_CHUNK = 4096  # tokens per no-grad forward when precomputing and evaluating
-
-
-class DagTrainConfig(BaseModel):
-    """How one layer's aggregator is distilled to the dense FFN output on captured inputs."""
-
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(300, ge=0, description="optimizer steps (0 only measures)")
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate of the aggregator")
-    warmup: int = Field(20, ge=0, description="linear warm-up steps before the cosine decay to 0")
-    weight_decay: float = Field(0.0, ge=0)
-    batch: int = Field(512, ge=1, description="tokens per step (1024 measured no better on SmolLM2)")
-    max_tokens: int = Field(32768, ge=1, description="training tokens drawn from the captured rows")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="captured rows kept for metrics")
-    max_holdout: int = Field(4096, ge=1, description="cap on held-out rows")
-    train_router: bool = Field(False, description="also train the router (needs scoring softmax or sigmoid)")
-    router_lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate of the router")
-    clip: float = Field(1.0, gt=0, description="gradient norm clip")
-
-
-class DagConfig(BaseModel):
-    """The recipe's `dag:` block: the aggregator's shape plus how to train it.
-
-    `architecture()` (everything but how it is trained) is what config.json stores as moe.dag and what
-    DagAggregator takes as keyword arguments.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    d_g: int = Field(24, ge=1, description="width of the message space (d -> d_g -> d per round)")
-    rounds: int = Field(2, ge=1, description="message-passing rounds L")
-    stabilize: bool = Field(True, description="add x/k to every node before the rounds (subtracted again at the end)")
-    train: DagTrainConfig = Field(default_factory=DagTrainConfig)
-    end_to_end: DagEndToEndConfig | None = Field(
-        None, description="after the layer-local step, train all aggregators together on KL to the dense teacher")
-
-    def architecture(self) -> dict:
-        return self.model_dump(exclude={"train", "end_to_end"})
 
 
 def attach_dag(block: MoeconvMoeBlock, config: DagConfig, generator: torch.Generator | None = None) -> DagAggregator:
@@ -98,12 +61,8 @@ def frozen_parts(block: MoeconvMoeBlock, x: Tensor, with_slots: bool) -> tuple[T
 
 
 def schedule(step: int, config: DagTrainConfig) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay to 0."""
-    if step < config.warmup:
-        return (step + 1) / (config.warmup + 1)
-    span = max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / span))
-
+    """Learning-rate factor: linear warm-up ((step + 1) / (warmup + 1)), then cosine decay to 0."""
+    return warmup_cosine(step, config.steps, config.warmup, warmup_offset=1)
 
 def check_inputs(block: MoeconvMoeBlock, x: Tensor, y: Tensor, config: DagTrainConfig) -> None:
     hidden = block.router.weight.shape[1]

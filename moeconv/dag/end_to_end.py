@@ -6,28 +6,13 @@ import logging
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from moeconv.config import DagEndToEndConfig, HealConfig
 from moeconv.errors import DataError
+from moeconv.heal import distill_metrics, heal
 
 logger = logging.getLogger(__name__)
-
-
-class DagEndToEndConfig(BaseModel):
-    """The recipe's `dag.end_to_end:` block. Only the aggregators train; routers, experts and the rest stay fixed.
-
-    The layer-local objective fits each layer's FFN output in isolation, with every output direction weighted the
-    same; on SmolLM2 that lowered each layer's error yet raised perplexity. Training all aggregators together on
-    the teacher's next-token distribution weights the errors by what they do to the logits.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1, description="passes over the training windows (the calibration budget is reused)")
-    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay to 0)")
-    batch: int = Field(4, ge=1, description="windows per optimizer step")
-    micro_batch: int = Field(2, ge=1, description="windows per forward (gradients accumulate up to batch)")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="last calibration windows kept to accept or reject the result")
 
 
 def split_windows(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +27,6 @@ def split_windows(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
 def training_plan(train: torch.Tensor, config: DagEndToEndConfig, seed: int):
     """(training windows in step order [steps * batch, L], the HealConfig that trains on them): `epochs` shuffled
     passes cut to whole steps; KL only, routers fixed, no decay, warm-up then cosine to 0."""
-    from moeconv.heal import HealConfig
 
     batch = min(config.batch, train.shape[0])
     generator = torch.Generator().manual_seed(seed)
@@ -75,7 +59,6 @@ def distill_end_to_end(
     The last windows are held out: if the held-out KL does not drop, the aggregators are put back as they were
     (kept 0), so this step never makes the model worse on text it did not train on.
     """
-    from moeconv.heal import distill_metrics, heal
 
     train, held = split_windows(windows, config.holdout_fraction)
     ordered, heal_config = training_plan(train, config, seed)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,28 +9,23 @@ from pathlib import Path
 import torch
 import yaml
 
+from moeconv.calib.capture import tokenize_windows
+from moeconv.calib.sources import load_text
 from moeconv.errors import MoeconvError
 from moeconv.export.registry import ExportError, ExportOptions, ExportPlan, get_target
 from moeconv.export.routing import calibrate
 from moeconv.export.source import ExportSource, open_source
+from moeconv.io.load import load_model, load_tokenizer
 from moeconv.io.writer import PartialOutput
+from moeconv.jobs import check_destination, job_fingerprint, run_job
 
 log = logging.getLogger(__name__)
 CHECK_SEQLEN = 128
 
 
-def _check_paths(src: Path, out: Path) -> None:
-    s, o = src.expanduser().resolve(), out.expanduser().resolve()
-    if s.exists() and (o == s or s in o.parents or o in s.parents or (s.is_file() and o == s.parent)):
-        raise ExportError(f"OUT {out} overlaps the source {src}; choose an OUT outside the source so the input stays untouched")
-
-
 def check_ids(src: ExportSource, tokens: int, seqlen: int = CHECK_SEQLEN) -> tuple[torch.Tensor, str]:
     """Token windows [B, seqlen] to measure a mapped routing on: the conversion's calibration text when the checkpoint
     has a tokenizer, else seeded random ids.  -> (ids, where they came from)"""
-    from moeconv.calib.capture import tokenize_windows
-    from moeconv.calib.sources import load_text
-    from moeconv.io.load import load_tokenizer
 
     seqlen = min(seqlen, tokens)
     try:
@@ -49,7 +42,6 @@ def check_ids(src: ExportSource, tokens: int, seqlen: int = CHECK_SEQLEN) -> tup
 
 
 def _measure(src: ExportSource, plan: ExportPlan, options: ExportOptions, progress: Callable[[str], None]) -> dict:
-    from moeconv.io.load import load_model
 
     if options.check_tokens <= 0:
         raise ExportError("mapping weight-1 routing needs check tokens to choose each router's scale; pass --check-tokens N "
@@ -75,22 +67,24 @@ def export(
     options = options or ExportOptions()
     src_path, out = Path(src).expanduser(), Path(out)
     target = get_target(to)
-    _check_paths(src_path, out)
+    check_destination(src_path, out, force=True)  # OUT's own state is checked after the plan, which --dry-run prints regardless
     source = open_source(src_path)
     plan = target.plan(source, options)
     if dry_run:
         return plan
-    if out.exists() and not force:
-        raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
+    check_destination(src_path, out, force)
     measured = _measure(source, plan, options, progress) if plan.routing == "mapped" else {}
-    fp = hashlib.sha256(json.dumps([str(src_path.resolve()), to, repr(options)]).encode()).hexdigest()
-    with PartialOutput(out, fp, resume=False, force=force) as partial:
+    fingerprint = job_fingerprint(source=str(src_path.resolve()), target=to, options=repr(options))
+
+    def work(partial: PartialOutput) -> dict:
         written = target.write(source, plan, options, partial, progress)
         result = {"out": str(out), "source": str(src_path), "target": to, "architecture": plan.architecture,
                   "routing": plan.routing, "routing_detail": plan.routing_detail, "measured": measured,
                   "notes": plan.notes, "dtype": written.pop("dtype", plan.dtype), **written}
         # provenance.json marks OUT as a moeconv output (so --force may replace it) and records what was done
-        partial.write_text("provenance.json", json.dumps({"export": result}, indent=2, sort_keys=True, default=str) + "\n")
-        partial.finalize()
+        partial.write_json("provenance.json", {"export": result})
+        return result
+
+    result = run_job(out, fingerprint, work, force=force, resume=False)
     progress("complete")
     return result

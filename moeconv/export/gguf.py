@@ -32,7 +32,7 @@ def _architecture(src: ExportSource) -> tuple[str, tuple[bool, ...]]:
 
 
 def _source_types(src: ExportSource) -> set[str]:
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
     gguf_file = src.gguf_source()
     return {t.tensor_type.name for t in GGUFReader(str(gguf_file)).tensors} if gguf_file else set()
@@ -111,7 +111,7 @@ class GGUFTarget(ExportTarget):
         return notes
 
     def write(self, src: ExportSource, plan: ExportPlan, options: ExportOptions, partial, progress) -> dict:
-        from gguf import GGMLQuantizationType, GGUFWriter
+        from gguf import GGMLQuantizationType, GGUFWriter  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
         arch, entries = plan.layout["arch"], plan.layout["entries"]
         path = partial.path / GGUF_FILE

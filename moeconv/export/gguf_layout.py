@@ -29,7 +29,11 @@ LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_lay
 @functools.cache
 def writable_types() -> tuple[str, ...]:
     """Tensor types the installed gguf package can write (it dequantizes more than it quantizes)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+    from gguf import (  # gguf is optional (extra 'gguf'): needed only for GGUF export
+        GGML_QUANT_SIZES,
+        GGMLQuantizationType,
+        quants,
+    )
 
     names = []
     for qtype in GGMLQuantizationType:
@@ -54,7 +58,7 @@ def resolve_type(name: str | None, src: ExportSource) -> str:
 def tensor_type(gguf_name: str, shape: tuple[int, ...], wanted: str) -> str:
     """The type a tensor is stored in: F32 for norms, biases and routers (as llama.cpp's converter keeps them), the
     wanted type otherwise, F16 where the wanted block size does not divide the rows."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
     if len(shape) < 2 or ".ffn_gate_inp" in gguf_name:
         return "F32"
@@ -64,7 +68,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], wanted: str) -> str:
 
 def encode(t: torch.Tensor, qtype: str) -> np.ndarray:
     """float32 tensor -> the array GGUFWriter stores (uint8 blocks for BF16 and quantized types)."""
-    from gguf import GGMLQuantizationType, quants
+    from gguf import GGMLQuantizationType, quants  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
     arr = t.detach().float().contiguous().numpy()
     if qtype == "F32":
@@ -76,7 +80,10 @@ def encode(t: torch.Tensor, qtype: str) -> np.ndarray:
 
 def byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], int]:
     """(stored array shape, bytes) of a tensor of logical `shape` in `qtype`."""
-    from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
+    from gguf import (  # gguf is optional (extra 'gguf'): needed only for GGUF export
+        GGMLQuantizationType,
+        quant_shape_to_byte_shape,
+    )
 
     if qtype in ("F32", "F16"):
         return shape, int(np.prod(shape)) * (4 if qtype == "F32" else 2)
@@ -130,7 +137,7 @@ def rope_theta(src: ExportSource) -> float:
 
 def hyperparameters(writer, src: ExportSource, arch: str, qtype: str) -> None:
     """The {arch}.* keys llama.cpp reads for this architecture."""
-    import gguf
+    import gguf  # optional (extra 'gguf'): needed only for GGUF export
 
     base, moe = src.base, src.moe
     writer.add_name(src.path.stem)

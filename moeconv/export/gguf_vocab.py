@@ -27,7 +27,7 @@ def vocab_keys(src: ExportSource) -> VocabKeys:
 
 
 def _from_gguf(path) -> VocabKeys:
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader, GGUFValueType  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
     reader = GGUFReader(str(path))
     entries = []
@@ -46,7 +46,7 @@ def _special_id(token, vocab: dict[str, int]) -> int | None:
 
 
 def _from_tokenizer_json(src: ExportSource) -> VocabKeys:
-    from gguf import GGUFValueType as T
+    from gguf import GGUFValueType as T  # gguf is optional (extra 'gguf'): needed only for GGUF export
 
     file = src.path / "tokenizer.json"
     if not file.is_file():

@@ -9,14 +9,14 @@ from abc import abstractmethod
 import torch
 from transformers import PretrainedConfig
 
+from moeconv.config import parse_size
+from moeconv.dtypes import DTYPES
 from moeconv.export.registry import ExportError, ExportOptions, ExportPlan, ExportTarget
 from moeconv.export.routing import RoutingMap, plan_routing
 from moeconv.export.source import ExportSource, check_family, check_moe
 from moeconv.export.tensors import MoeLayer, layer_keys_ok, read_unit, split_layer, unit_keys
 from moeconv.io.writer import plan_shards, shard_name
-from moeconv.recipe import parse_size
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files carried over from the checkpoint folder as they are.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
               "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from moeconv.errors import MoeconvError
@@ -19,6 +20,12 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a folder (or of the one file): what a job read, by content, not by name or mtime."""
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else [folder]
+    return {f.name: sha256_file(f) for f in files}
 
 
 def fsync_dir(folder: Path) -> None:
@@ -49,17 +56,25 @@ def replace_atomically(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+@contextmanager
+def written_atomically(target: Path, folder: Path | None = None):
+    """Yield a temp path to write `target` through; on leaving, it replaces `target` whole (or is removed on any
+    failure, Ctrl-C and SIGTERM included).  A failed write is a one-line error naming `folder` (default: target)."""
+    tmp = target.with_name(target.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        replace_atomically(tmp, path)
+        yield tmp
+        replace_atomically(tmp, target)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise write_error(path, err) from None
-    except BaseException:  # Ctrl-C or SIGTERM mid-write: no stray temp file
+        raise write_error(folder or target, err) from None
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with written_atomically(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

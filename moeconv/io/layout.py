@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from moeconv.io.adapters import FamilyAdapter
 from moeconv.io.readers import CheckpointReader
+from moeconv.modeling.hf.dag import DagAggregator
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock
 
 
@@ -27,18 +28,9 @@ def moe_settings(recipe, adapter: FamilyAdapter, config: PretrainedConfig, exper
         "gated": adapter.gated,
         "ffn_bias": adapter.has_bias(config),
         "down_bias": adapter.has_bias(config),
-        "dag": dag_architecture(recipe.dag),
+        "dag": recipe.dag.architecture() if recipe.dag is not None else None,
         "quant": None,
     }
-
-
-def dag_architecture(dag: dict | None) -> dict | None:
-    """The aggregator's constructor arguments (the recipe's `dag` block minus its training settings)."""
-    if dag is None:
-        return None
-    from moeconv.dag import DagConfig
-
-    return DagConfig(**dag).architecture()
 
 
 def output_config(config: PretrainedConfig, moe: dict, dtype: str) -> dict:
@@ -84,7 +76,6 @@ class LayerLayout:
         with torch.device("meta"):
             block = MoeconvMoeBlock(self.d_model, moe)
             if moe.get("dag"):
-                from moeconv.modeling.hf.dag import DagAggregator
 
                 block.dag = DagAggregator(self.d_model, moe["top_k"], **moe["dag"])
         self._block_shapes = {k: (tuple(v.shape), v.dtype) for k, v in block.state_dict().items()}

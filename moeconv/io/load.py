@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from moeconv.dtypes import DTYPES
 from moeconv.errors import CheckpointError, MoeconvError
 from moeconv.io.validate import raise_if_inconsistent
 from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
@@ -17,7 +18,6 @@ from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # moeconv checkpoints load through the installed classes, so no remote code is ever run for them.
 AutoConfig.register("moeconv", MoeconvConfig, exist_ok=True)

@@ -6,6 +6,8 @@ time, so a converter never holds more than the tensors it is working on.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moeconv.errors import CheckpointError
 from moeconv.io import load as _registers_moeconv_classes  # noqa: F401 - AutoConfig knows 'moeconv'
@@ -196,12 +198,11 @@ class GGUFReader(CheckpointReader):
     """A .gguf file, dequantized by transformers' GGUF support (the whole file is read at once)."""
 
     def __init__(self, file: Path):
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # needs the optional gguf package
 
         self.path = file
         try:
-            import gguf
+            import gguf  # optional (extra 'gguf'): only GGUF sources need it
 
             names = [t.name for t in gguf.GGUFReader(str(file)).tensors]
             self.config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
@@ -212,7 +213,8 @@ class GGUFReader(CheckpointReader):
                                       f"{max(blocks) + 1}; the file is corrupt: re-download or re-export it")
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(self.config)
-            loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
+            with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar would print from inside the library
+                loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
         except ImportError:
             raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
         except CheckpointError:
@@ -241,7 +243,7 @@ class GGUFReader(CheckpointReader):
 
 def _download(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only a Hub id needs it (and the network)
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception:  # noqa: BLE001 - offline, unknown repo, no auth: all mean the same to the user

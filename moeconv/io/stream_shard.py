@@ -16,10 +16,7 @@ from pathlib import Path
 
 import torch
 
-DTYPE_CODES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+from moeconv.dtypes import SAFETENSORS_CODES
 
 
 class StreamingShard:
@@ -35,7 +32,7 @@ class StreamingShard:
         offset = 0
         for name, shape, dtype in entries:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned

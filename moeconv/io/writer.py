@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import save_file
 
 from moeconv.errors import MoeconvError
-from moeconv.io.files import atomic_write_text, exchange, fsync_dir, replace_atomically, sha256_file, strict_json, write_error
+from moeconv.io.files import (
+    atomic_write_text,
+    exchange,
+    fsync_dir,
+    replace_atomically,
+    sha256_file,
+    strict_json,
+    write_error,
+    written_atomically,
+)
 from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
 
@@ -144,16 +153,8 @@ class PartialOutput:
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A safetensors file in OUT.partial, whole or absent after any crash (not recorded as a shard)."""
-        tmp = self.path / (name + ".tmp")
-        try:
+        with written_atomically(self.path / name, self.path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            replace_atomically(tmp, self.path / name)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise write_error(self.path, err) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for key, value in tensors.items():
@@ -192,17 +193,8 @@ class PartialOutput:
 
     def copy_in(self, source: Path, name: str | None = None) -> None:
         """Copy a file into OUT.partial atomically."""
-        target = self.path / (name or source.name)
-        tmp = target.with_name(target.name + ".tmp")
-        try:
+        with written_atomically(self.path / (name or source.name), self.path) as tmp:
             shutil.copyfile(source, tmp)
-            replace_atomically(tmp, target)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise write_error(self.path, err) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def write_modeling_code(self) -> None:
         for name in HF_FILES:

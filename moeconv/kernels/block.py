@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from moeconv.kernels import native
+from moeconv.kernels.api import moe_ffn
 
 # transformers' ACT2FN names -> the activations the fused op implements
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -41,8 +42,6 @@ def fused_moe_ffn(block, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor | No
         return None
     if not all(isinstance(getattr(e.up_proj, "weight", None), torch.Tensor) for e in block.experts):
         return None  # quantized experts dequantize in their own modules
-    from moeconv.kernels import moe_ffn
-
     w = _stack(block)
     if w["w_up"].dtype != x.dtype:
         return None

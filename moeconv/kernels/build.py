@@ -86,7 +86,7 @@ def has_cxx_compiler() -> bool:
 def can_build_cuda() -> bool:
     """A CUDA build of torch and an nvcc to match it."""
     try:
-        import torch
+        import torch  # setup.py loads this file where torch may be missing
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         return False
@@ -101,7 +101,7 @@ def extension_modules() -> list:
     CPU extension wherever a C++ compiler exists; the CUDA one only where torch is a CUDA build
     and nvcc exists.  setup.py: `ext_modules=extension_modules(), cmdclass={"build_ext": BuildExtension}`.
     """
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension  # setup.py loads this file where torch may be missing
 
     extensions = []
     if has_cxx_compiler():

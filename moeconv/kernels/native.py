@@ -61,7 +61,7 @@ def cache_dir(kind: str) -> Path:
 
 
 def _jit_load(kind: str, sources: list[str], cuda: bool) -> None:
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # only for a JIT build: importing it costs start-up time every process would pay
 
     directory = cache_dir(kind)
     directory.mkdir(parents=True, exist_ok=True)

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from moeconv.config import RouterConfig
 from moeconv.ffn import DenseFFN
 from moeconv.partition.coact import CoactPartitioner, subsample_rows
 from moeconv.partition.kmeans import KMeansPartitioner
 from moeconv.partition.registry import Partitioner, PartitionResult, register_partitioner
 from moeconv.partition.sinkhorn import greedy_balanced_assignment, one_hot_assignment, sinkhorn_plan
 from moeconv.router.reference import expert_importance_from_h, grouped_down
-from moeconv.router.train import RouterConfig, fit_router
+from moeconv.router.train import fit_router
+from moeconv.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ def tau_at(step: int, config: DotConfig) -> float:
 
 
 def lr_scale_at(step: int, config: DotConfig) -> float:
-    warmup = int(config.warmup_fraction * config.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+    return warmup_cosine(step, config.steps, int(config.warmup_fraction * config.steps))
 
 
 def straight_through_top_k(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

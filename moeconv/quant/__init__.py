@@ -1,5 +1,6 @@
 """Quantization: grids (intN, ternary), GPTQ, packing into stored formats, and QMoE's sub1 dictionary code."""
 
+from moeconv.config import FORMATS, QuantSpec
 from moeconv.quant.gptq import (
     GPTQResult,
     HessianAccumulator,
@@ -7,7 +8,7 @@ from moeconv.quant.gptq import (
     gptq_quantize_batched,
     relative_output_error,
 )
-from moeconv.quant.grids import FORMATS, QuantizedTensor, QuantSpec, dequantize, quantize_rtn
+from moeconv.quant.grids import QuantizedTensor, dequantize, quantize_rtn
 from moeconv.quant.packing import PackedWeight, pack, unpack
 from moeconv.quant.sub1 import Sub1Dictionary, build_dictionary, pair_counts
 

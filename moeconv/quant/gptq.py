@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moeconv.config import ClipSearch, QuantSpec
 from moeconv.errors import RecipeError
 from moeconv.quant.grids import (
-    ClipSearch,
     QuantizedTensor,
-    QuantSpec,
     dequantize,
     dequantize_codes,
     find_params,

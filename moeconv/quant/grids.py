@@ -8,78 +8,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from moeconv.config import ClipSearch, QuantSpec
 from moeconv.errors import RecipeError
 from moeconv.modeling.hf.quant_linear import LOG8_STEPS, log8_levels
 
-INT_BITS = (8, 4, 3, 2)
-TERNARY_FORMATS = ("ternary", "sub1")
-FORMATS = tuple(f"int{b}" for b in INT_BITS) + TERNARY_FORMATS
 # Stored dtypes: these are also the precisions the grids round their parameters to, so that
 # what GPTQ measures while quantizing is exactly what the checkpoint later reproduces.
 SCALE_DTYPE = torch.float16
 LO_HI_DTYPE = torch.bfloat16  # the older ternary lo/hi storage; ternary grids now use 8-bit log codes (log8_grid)
 _SMALLEST_SCALE = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """What to quantize to: `bits` is 8/4/3/2 or "ternary"/"sub1" (sub1 = ternary grid + dictionary code).
-
-    group_size: input features sharing one scale (-1 = one per row); ternary grids are always per row.
-    symmetric: intN only; symmetric grids store no zero points (GPTQ convention: zero = 2^(b-1)).
-    float_zeros: intN only; fp16 zero points and each group's exact [min, max] (GGUF Q4_1 / HQQ style)
-        instead of integer zero points on a range that must contain 0. Reproduces a Q4_1 source exactly
-        at group size 32.
-    """
-
-    bits: int | str = 4
-    group_size: int = 128
-    symmetric: bool = False
-    float_zeros: bool = False
-
-    def __post_init__(self) -> None:
-        is_int = isinstance(self.bits, int) and not isinstance(self.bits, bool) and self.bits in INT_BITS
-        if not is_int and self.bits not in TERNARY_FORMATS:
-            raise RecipeError(f"unsupported quantization width {self.bits!r}; use one of 8, 4, 3, 2, 'ternary', 'sub1'")
-        if self.is_ternary:  # per-row lo/hi by definition: normalise so equal specs compare equal
-            object.__setattr__(self, "group_size", -1)
-            object.__setattr__(self, "symmetric", False)
-            object.__setattr__(self, "float_zeros", False)
-        elif self.symmetric and self.float_zeros:
-            raise RecipeError("a symmetric grid has no zero points; drop either symmetric or float_zeros")
-        elif not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
-            raise RecipeError(f"group size {self.group_size!r} is invalid; use a positive integer or -1 (per row)")
-
-    @classmethod
-    def from_format(cls, fmt: str, group_size: int = 128, symmetric: bool = False, float_zeros: bool = False) -> QuantSpec:
-        """`fmt` is one of FORMATS ("int4", "ternary", ...)."""
-        if fmt not in FORMATS:
-            raise RecipeError(f"unsupported quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
-        return cls(fmt if fmt in TERNARY_FORMATS else int(fmt[3:]), group_size, symmetric, float_zeros)
-
-    @property
-    def is_ternary(self) -> bool:
-        return self.bits in TERNARY_FORMATS
-
-    @property
-    def format(self) -> str:
-        return str(self.bits) if self.is_ternary else f"int{self.bits}"
-
-    @property
-    def maxq(self) -> int:
-        """Largest integer code (ternary symbols are 0, 1 = lo, 2 = hi)."""
-        return 2 if self.is_ternary else 2**self.bits - 1
-
-    def group_width(self, in_features: int) -> int:
-        """Columns per group for a matrix with `in_features` columns; raises RecipeError if it does not divide."""
-        if self.group_size == -1:
-            return in_features
-        if in_features % self.group_size:
-            raise RecipeError(
-                f"group size {self.group_size} does not divide in-features {in_features}; "
-                f"use a divisor of {in_features} or -1 (per row)"
-            )
-        return self.group_size
 
 
 @dataclass
@@ -104,24 +41,6 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class ClipSearch:
-    """Range search for intN grids: try the group's [min, max] shrunk by 1, 1 - step, ... down to 1 - max_shrink
-    and keep, per group, the grid whose (optionally column-weighted) squared rounding error is smallest."""
-
-    max_shrink: float = 0.25
-    step: float = 0.01
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.max_shrink < 1) or self.step <= 0:
-            raise RecipeError(f"clip search max_shrink {self.max_shrink} / step {self.step} invalid; "
-                              "use 0 <= max_shrink < 1 and step > 0")
-
-    @property
-    def factors(self) -> list[float]:
-        return [1.0 - i * self.step for i in range(int(round(self.max_shrink / self.step)) + 1)]
 
 
 def find_params(w: Tensor, spec: QuantSpec, clip: ClipSearch | None = None, col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moeconv.config import QuantSpec
 from moeconv.errors import CheckpointError, RecipeError
 from moeconv.modeling.hf.quant_linear import (
     INT_BITS,
@@ -23,7 +24,7 @@ from moeconv.modeling.hf.quant_linear import (
     unpack_bits,
 )
 from moeconv.quant import sub1
-from moeconv.quant.grids import LO_HI_DTYPE, SCALE_DTYPE, QuantizedTensor, QuantSpec
+from moeconv.quant.grids import LO_HI_DTYPE, SCALE_DTYPE, QuantizedTensor
 
 
 @dataclass

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moeconv.calib.capture import LayerRunner, StopLayer
+from moeconv.config import QuantRecipe
 from moeconv.quant.gptq import HessianAccumulator, gptq_quantize_batched, output_error_terms, relative_error_of
 from moeconv.quant.grids import QuantizedTensor, dequantize, quantize_rtn
 from moeconv.quant.output_cache import OutputCache
-from moeconv.quant.recipe import QuantRecipe
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from moeconv.config import RouterConfig
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
 from moeconv.router.reference import (
@@ -20,30 +18,9 @@ from moeconv.router.reference import (
     relative_error,
     select_top_k,
 )
+from moeconv.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
-
-
-class RouterConfig(BaseModel):
-    """How the router of one layer is trained on captured FFN inputs."""
-
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(150, ge=0, description="optimizer steps (0 keeps the initial router)")
-    lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate (cosine decay to 0)")
-    weight_decay: float = Field(0.0, ge=0)
-    batch: int = Field(4096, ge=1, description="tokens per step")
-    max_tokens: int = Field(16384, ge=16, description="training tokens drawn from the calibration rows")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="calibration rows kept for metrics")
-    max_holdout: int = Field(4096, ge=1, description="cap on held-out rows")
-    # bce measured best on SmolLM2-135M (layers 0 and 29): recall 0.92 vs 0.77 (soft_ce), equal or lower rel_error.
-    loss: Literal["soft_ce", "topk_ce", "bce"] = Field(
-        "bce",
-        description="soft_ce: cross-entropy to softmax(log importance² / temperature); "
-        "topk_ce: to the uniform distribution over the oracle top-k; bce: multi-label top-k membership",
-    )
-    temperature: float = Field(0.5, gt=0, description="soft_ce target temperature (lower = closer to top-k)")
-    token_weighting: bool = Field(True, description="weight each token by its share of the layer's output energy")
-    clip: float = Field(1.0, gt=0, description="gradient norm clip")
 
 
 def split_calibration(calib: Tensor, config: RouterConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -68,10 +45,6 @@ def router_loss(logits: Tensor, importance: Tensor, top_k: int, config: RouterCo
     else:
         target = torch.softmax(2 * importance.clamp_min(1e-12).log() / config.temperature, dim=1)  # [B, E]
     return -(target * torch.log_softmax(logits, dim=1)).sum(1)
-
-
-def cosine_lr(step: int, total: int, peak: float) -> float:
-    return 0.5 * peak * (1 + math.cos(math.pi * step / max(1, total)))
 
 
 def train_router(
@@ -143,7 +116,7 @@ def fit_router(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([weight], config.clip)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr)
+            group["lr"] = config.lr * warmup_cosine(step, config.steps, 0)
         optimizer.step()
         last_loss = float(loss.detach())
     return weight.detach(), last_loss

@@ -1,0 +1,88 @@
+"""The convert recipe: pydantic models of what a conversion does (extra="forbid": a typo is an error, not a silent default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_serializer, field_validator
+
+from moeconv.config.base import Strict, load_yaml_recipe, parse_size
+from moeconv.config.dag import DagConfig
+from moeconv.config.heal import HealConfig
+from moeconv.config.refit import RefitConfig
+from moeconv.config.router import RouterConfig
+
+
+class PartitionSpec(Strict):
+    method: str = "random"  # a registered partitioner: random | kmeans | coact | dot
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CalibrationSpec(Strict):
+    source: str = "shakespeare"  # built-in corpus, file or folder; see moeconv.calib.sources
+    tokens: int = Field(16384, ge=1)
+    seqlen: int = Field(512, ge=8)
+    text_field: str = "text"
+
+
+class ConvertRecipe(Strict):
+    experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    shared_neurons: int = Field(0, ge=0)  # always-active neurons taken out of the routed pool
+    scoring: Literal["none", "softmax", "sigmoid"] = "none"
+    renormalize: bool = False
+    partition: PartitionSpec = Field(default_factory=PartitionSpec)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    train_router: bool = True  # False: keep a random router (only sensible with top_k == experts)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    # Least-squares refit of each layer's down projection under its routing (moeconv.refit); null turns it off.
+    refit: RefitConfig | None = Field(default_factory=RefitConfig)
+    dag: DagConfig | None = None  # a DAG-MoE aggregator per layer, distilled to the dense FFN
+    heal: HealConfig | None = None  # end-to-end distillation of the whole MoE model after the layer stages
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: str = "1GB"
+    seed: int = 0
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @field_validator("refit", mode="before")
+    @classmethod
+    def _refit_switch(cls, v: Any) -> Any:
+        """`refit: false` turns the stage off, `refit: true` keeps its defaults."""
+        return (RefitConfig() if v else None) if isinstance(v, bool) else v
+
+    @field_validator("dag")
+    @classmethod
+    def _dag(cls, v: DagConfig | None) -> DagConfig | None:
+        if v is not None and v.end_to_end is not None:
+            raise ValueError("dag.end_to_end trains the aggregators of the whole converted model, which convert "
+                             "writes layer by layer; drop it here and run `moeconv dag OUT OUT2 --objective kl` after convert")
+        return v
+
+    @field_serializer("router", "dag")
+    def _as_written(self, v: BaseModel | None) -> dict | None:
+        """Nested blocks are written as the user gave them (defaults stay implicit), so recipe.yaml reads as the recipe did."""
+        return None if v is None else v.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def refits(self) -> bool:
+        """Whether the refit stage runs: with every expert active nothing is dropped, so there is nothing to refit."""
+        return self.refit is not None and self.top_k < self.experts
+
+    @property
+    def trains_router(self) -> bool:
+        """Whether the router stage runs: with every expert selected at weight 1 (top_k == experts, scoring none)
+        the router's values never change the output, so there is nothing to learn and no text is needed."""
+        return self.train_router and not (self.top_k == self.experts and self.scoring == "none")
+
+    def needs_calibration(self, partitioner_needs: bool) -> bool:
+        return partitioner_needs or self.trains_router or self.refits or self.shared_neurons > 0 or self.dag is not None
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
+    return load_yaml_recipe(ConvertRecipe, path, overrides, "configs/dot-moe.yaml")
