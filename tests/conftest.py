@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,12 +23,31 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN),
     "qwen2": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN),
     "qwen3": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN),
+    "olmo2": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN),
+    # granite's four multipliers away from 1 so that an identity conversion that dropped one would show
+    "granite": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN, embedding_multiplier=3.0,
+                    residual_multiplier=0.6, attention_multiplier=0.2, logits_scaling=2.5),
+    "gemma": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN),
     "gemma2": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN, sliding_window=16),
     "gemma3_text": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, **ATTN, sliding_window=16),
     "phi3": dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  pad_token_id=0),
     "gpt2": dict(n_embd=32, n_inner=72, n_layer=2, n_head=4, n_positions=128),
 }
+
+
+def _seed_for_this_run(variable: str) -> int:
+    value = os.environ.get(variable)
+    return int(value) if value else random.SystemRandom().randrange(2**31)
+
+
+# Fresh each run unless set; printed in the session header so that any failure can be replayed with the same value.
+KERNEL_SEED = _seed_for_this_run("MOECONV_TEST_SEED")  # the kernel tests' one fresh seed, beside their fixed ones
+KILL_SEED = _seed_for_this_run("MOECONV_KILL_SEED")  # where tests/test_kill_anywhere.py kills its runs
+
+
+def pytest_report_header(config) -> str:
+    return f"moeconv seeds of this run: MOECONV_TEST_SEED={KERNEL_SEED} MOECONV_KILL_SEED={KILL_SEED} (set them to replay)"
 
 
 def build_dense(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -79,3 +104,39 @@ def sample_text(chars: int = 40000, seed: int = 0) -> str:
         out.append(sentence)
         size += len(sentence)
     return "".join(out)
+
+
+# Runs each (checkpoint, ids, dest) job with the checkpoint's own modeling files only: `python -I` ignores PYTHONPATH, the
+# user site and the current folder, no repository folder is on sys.path, and `import moeconv` fails however moeconv is
+# installed (an editable install's finder included).
+_STANDALONE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["moeconv"] = None  # before anything else: `import moeconv` must fail in this process
+    import json, pathlib, torch
+    from transformers import AutoModelForCausalLM
+    repo = pathlib.Path(sys.argv[2]).resolve()
+    assert not any(p and pathlib.Path(p).resolve() in (repo, repo / "tests") for p in sys.path), sys.path
+    try:
+        import moeconv  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("moeconv is importable in the standalone process")
+    for out, ids, dest in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+        assert type(model).__name__ == "MoeconvForCausalLM", type(model)
+        assert not any(m.startswith("moeconv") for m in sys.modules if sys.modules[m] is not None), "moeconv was loaded"
+        with torch.no_grad():
+            torch.save(model(torch.tensor(ids)).logits, dest)
+    """
+)
+
+
+def remote_code_logits(jobs: list[tuple[Path, list, Path]], workdir: Path) -> list:
+    """Logits of each checkpoint loaded by AutoModelForCausalLM(trust_remote_code=True) where moeconv cannot be imported."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "hf-modules")}  # a private copy of the remote code
+    payload = json.dumps([[str(out), ids, str(dest)] for out, ids, dest in jobs])
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-I", "-c", _STANDALONE, payload, str(repo)], check=True, cwd=workdir, env=env)
+    return [torch.load(dest, weights_only=True) for _, _, dest in jobs]
