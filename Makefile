@@ -22,12 +22,13 @@ setup:
 	# Built in its own isolation (scikit-build-core); it adds only diskcache: torch and the other pins stay as they are.
 	if [ -n "$(SERVE_SPEC)" ]; then $(BIN)/python -m pip install -q "$(SERVE_SPEC)"; fi
 
+# -rs: every skipped test says why (no llama-cpp-python, no GPU, no real model).
 test:
 	$(BIN)/ruff check moeconv cli tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not real_model and not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not real_model and not slow" tests
 
 # Thousands of fuzzed inputs and randomized kill points: what the default suite samples, at full scale.
 test-slow:

@@ -114,6 +114,7 @@ def eval_command(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer folder or .gguf, if MODEL has none")] = None,
     text_field: Annotated[str, typer.Option(help="field holding the text in a .jsonl")] = "text",
     trust_remote_code: Annotated[bool, typer.Option(help="allow a checkpoint's own modeling code to run")] = False,
+    engine: Annotated[str, typer.Option(help="auto (llama.cpp for a MoE .gguf), transformers, llama.cpp")] = "auto",
     lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="lm-evaluation-harness tasks, comma-separated")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
@@ -122,7 +123,7 @@ def eval_command(
     setup_logging(verbose, quiet)
     settings = EvalSettings(
         data=data, text_field=text_field, seqlen=seqlen, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
-        dtype=dtype, device=device, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+        dtype=dtype, device=device, tokenizer=tokenizer, trust_remote_code=trust_remote_code, engine=engine,
     )
     names = [model, *(compare_with or [])]
     saved = {name: load_results(name) for name in names if is_results_file(name)}  # bad files fail before any work

@@ -17,6 +17,7 @@ from torch import nn
 from moeconv.calib.sources import load_text
 from moeconv.calib.tokenize import Windows, cut_windows, tokenize_source, tokens_fingerprint
 from moeconv.errors import MoeconvError
+from moeconv.eval.llamacpp import evaluate_gguf, use_llamacpp
 from moeconv.eval.overhead import DagOverhead, measure_dag_overhead
 from moeconv.eval.stats import LayerRouting, ParameterCounts, RoutingRecorder, bytes_on_disk, count_parameters
 from moeconv.io.load import load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -46,6 +47,7 @@ class EvalSettings(BaseModel):
     tokenizer: str | None = None
     trust_remote_code: bool = False
     dag_overhead: bool = True  # time one window with and without DAG-MoE aggregators (only models that have them)
+    engine: str = "auto"  # transformers | llama.cpp (a .gguf) | auto: llama.cpp for a MoE .gguf (transformers cannot load it)
 
 
 class PerplexityResult(BaseModel):
@@ -236,9 +238,17 @@ def evaluate_model(
         require_lm_eval()
     # Data and tokenizer first: bad input fails in a second, before a slow model load.
     source, tokenizer, tokens, windows = _tokenize(model_path, settings, progress)
+    tick = (lambda done, total: progress("eval", done, total)) if progress else None
+    if use_llamacpp(model_path, settings.engine):  # the same windows of the same token ids, run by llama.cpp
+        if lm_eval_tasks:
+            raise MoeconvError("--lm-eval runs transformers models, and this model runs in llama.cpp (--engine)")
+        run = evaluate_gguf(model_path, windows, tick)  # perplexity, params, dtype, device, batch_size
+        return EvalResult(model=model_path, moe=run["params"].moe_layers > 0, data=source.name,
+                          data_fingerprint=source.fingerprint, tokens_fingerprint=tokens_fingerprint(tokens),
+                          seqlen=windows.seqlen, stride=windows.stride, max_tokens=settings.max_tokens,
+                          tokens_available=windows.tokens_available, bytes_on_disk=bytes_on_disk(model_path), **run)
     model = load_model(model_path, dtype=settings.dtype, device=str(device), trust_remote_code=settings.trust_remote_code)
     batch_size = settings.batch_size or auto_batch_size(device)
-    tick = (lambda done, total: progress("eval", done, total)) if progress else None
     recorder = RoutingRecorder(model)
     result = evaluate_perplexity(model, windows, batch_size, settings.loss_chunk, tick, recorder)
     overhead = measure_dag_overhead(model, windows.ids[:1]) if settings.dag_overhead else None
@@ -268,7 +278,7 @@ def evaluate_model(
 def require_lm_eval():
     """(lm_eval, HFLM) or a one-line error saying how to install the harness."""
     try:
-        import lm_eval
+        import lm_eval  # optional (extra "lm-eval"): only --lm-eval needs it
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise MoeconvError("--lm-eval needs lm-evaluation-harness, which is not installed: pip install lm-eval") from None
