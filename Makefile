@@ -38,7 +38,7 @@ lint:
 	$(BIN)/ruff check moeconv cli tests benchmarks
 
 bench:
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_speed.py
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/quality.py
 

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, this folder is first on sys.path and its kernels.py would shadow the `kernels`
-# package that transformers imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 STAGE = REPO / ".stage"
 PLACED = Path("/tmp/moeconv-stage")  # where device call 1 leaves part 1 for call 2
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +66,7 @@ def plan(results: Path, work: Path, gguf: Path) -> list[Step]:
         Step("sanitizer", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", *PY,
                            "benchmarks/gpu_probe.py", "smoke", "--device", "cuda"], 240, ("install",),
              env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),  # exact allocations, so memcheck sees every overrun
-        Step("kernel_bench", [*PY, "benchmarks/kernels.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
+        Step("kernel_bench", [*PY, "benchmarks/kernel_speed.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
                               "1,512,4096", "--budget", "0.1", "--json"], 240, ("install",), stdout="kernel_bench.json"),
         Step("convert_cuda", [*CLI, "convert", str(gguf), str(cuda_moe), *RECIPE, "--device", "cuda", "--force", "--json"],
              300, ("install", "model"), stdout="convert_cuda.json"),
@@ -258,7 +255,7 @@ def validate(steps: list[Step]) -> list[str]:
 
     from moeconv.cli.app import app
 
-    spec = importlib.util.spec_from_file_location("moeconv_bench_kernels", REPO / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("moeconv_bench_kernels", REPO / "benchmarks" / "kernel_speed.py")
     kernels = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look the module up
     spec.loader.exec_module(kernels)
     problems = []
@@ -271,11 +268,11 @@ def validate(steps: list[Step]) -> list[str]:
                 commands[name].make_context(name, list(args))
             except Exception as exc:  # noqa: BLE001 - click's or typer's vendored click's errors: any is a problem
                 problems.append(f"{step.name}: moeconv {name} rejects {shlex.join(args)}: {exc}")
-        if "benchmarks/kernels.py" in argv:
+        if "benchmarks/kernel_speed.py" in argv:
             try:
-                kernels.build_parser().parse_args(argv[argv.index("benchmarks/kernels.py") + 1:])
+                kernels.build_parser().parse_args(argv[argv.index("benchmarks/kernel_speed.py") + 1:])
             except SystemExit:
-                problems.append(f"{step.name}: benchmarks/kernels.py rejects its arguments")
+                problems.append(f"{step.name}: benchmarks/kernel_speed.py rejects its arguments")
     for path in ("configs/dot-moe.yaml", "tests", "setup.py"):
         if not (REPO / path).exists():
             problems.append(f"{path} is missing")

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# Run as a script, benchmarks/ is first on sys.path and its kernels.py shadows the `kernels` package that transformers
-# imports: move the folder last, before anything imports transformers (its modules are still found there).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+from eval_speed import cpu_name, default_model  # benchmarks/ is on sys.path when run as a script
+from gguf import GGUFReader
 
-from eval_speed import cpu_name, default_model  # noqa: E402
-from gguf import GGUFReader  # noqa: E402
-
-from moeconv.config import load_recipe  # noqa: E402
-from moeconv.convert import convert  # noqa: E402
-from moeconv.eval.llamacpp import gguf_parameters  # noqa: E402
-from moeconv.export import ExportOptions, export  # noqa: E402
+from moeconv.config import load_recipe
+from moeconv.convert import convert
+from moeconv.eval.llamacpp import gguf_parameters
+from moeconv.export import ExportOptions, export
 
 __all__ = ["cpu_name", "prepare", "bytes_per_token", "active_fraction", "parse_settings"]
 
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "dot-moe-softmax.yaml"
 
 

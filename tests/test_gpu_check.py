@@ -52,7 +52,7 @@ def test_dry_run_plans_every_step_and_validates_its_commands(tmp_path):
         "build": "gpu_probe.py build",
         "gpu_tests": "-m pytest -m gpu",
         "sanitizer": "compute-sanitizer --tool memcheck --error-exitcode 1",
-        "kernel_bench": "kernels.py --device cuda --dtype bfloat16 --tokens 1,512,4096",
+        "kernel_bench": "kernel_speed.py --device cuda --dtype bfloat16 --tokens 1,512,4096",
         "convert_cuda": "--recipe configs/dot-moe.yaml --device cuda",
         "convert_cpu": "--recipe configs/dot-moe.yaml --device cpu",
         "eval_cuda": "--device cuda --json",
@@ -76,7 +76,7 @@ def test_dry_run_catches_a_flag_the_commands_no_longer_accept(tmp_path):
     assert len(problems) == 2, problems
     convert_problem, bench_problem = sorted(problems)
     assert convert_problem.startswith("convert_cuda: moeconv convert rejects") and "--no-such-flag" in convert_problem
-    assert bench_problem.startswith("kernel_bench: benchmarks/kernels.py rejects")
+    assert bench_problem.startswith("kernel_bench: benchmarks/kernel_speed.py rejects")
 
 
 def test_runner_records_status_logs_and_output_of_every_step(tmp_path):

@@ -1,11 +1,11 @@
 """Times moeconv's fused MoE FFN against the dense FFN, a naive per-expert loop and torch._grouped_mm.
 
-    python benchmarks/kernels.py                 # markdown table, CPU (and CUDA when present)
-    python benchmarks/kernels.py --json          # the same rows as JSON
-    python benchmarks/kernels.py --quick         # SmolLM2 shapes only, T <= 64
-    python benchmarks/kernels.py --threads 1     # on a crowded machine: 2-thread OpenMP GEMMs stall
-    MOECONV_CPU_ISA=avx512 python benchmarks/kernels.py   # force a lower CPU kernel path to compare
-    python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 1,512,4096   # the GPU check's rows
+    python benchmarks/kernel_speed.py                 # markdown table, CPU (and CUDA when present)
+    python benchmarks/kernel_speed.py --json          # the same rows as JSON
+    python benchmarks/kernel_speed.py --quick         # SmolLM2 shapes only, T <= 64
+    python benchmarks/kernel_speed.py --threads 1     # on a crowded machine: 2-thread OpenMP GEMMs stall
+    MOECONV_CPU_ISA=avx512 python benchmarks/kernel_speed.py   # force a lower CPU kernel path to compare
+    python benchmarks/kernel_speed.py --device cuda --dtype bfloat16 --tokens 1,512,4096   # the GPU check's rows
 
 Every row is measured in one run: best wall time of repeated calls after a warm-up.
 ratios are baseline_time / moe_ffn_time (above 1: moe_ffn is faster).  The MoE weights are the
