@@ -369,3 +369,15 @@ def test_resume_refuses_a_changed_config(src, tmp_path):
     (tmp_path / "out.partial" / "progress.json").write_text(json.dumps({"fingerprint": before, "shards": {}}))
     with pytest.raises(Exception, match="another source"):
         convert(str(src), out, recipe, resume=True)
+
+
+def test_written_shards_are_as_readable_as_the_users_files(src, tmp_path):
+    """safetensors creates files 0600; a shard written by moeconv gets the mode any new file of the user's gets."""
+    from moeconv.io.writer import UMASK, PartialOutput
+
+    with PartialOutput(tmp_path / "out", "fp", resume=False, force=False) as partial:
+        partial.write_shard("model-00001-of-00001.safetensors", {"w": torch.ones(2)})
+        partial.write_text("config.json", "{}")
+        partial.finalize()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model-00001-of-00001.safetensors": 0o666 & ~UMASK, "config.json": 0o666 & ~UMASK}

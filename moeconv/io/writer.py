@@ -32,6 +32,8 @@ from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
 
 PROGRESS = "progress.json"
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once (os.umask can only be read by setting it); restored at once
 # The self-contained modeling code copied into every moeconv checkpoint (torch + transformers only).
 HF_DIR = Path(__file__).parents[1] / "modeling" / "hf"
 HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
@@ -155,6 +157,7 @@ class PartialOutput:
         """A safetensors file in OUT.partial, whole or absent after any crash (not recorded as a shard)."""
         with written_atomically(self.path / name, self.path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o666 & ~UMASK)  # safetensors creates its file 0600; an output is as readable as any file the user makes
 
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for key, value in tensors.items():
