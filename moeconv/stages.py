@@ -14,7 +14,7 @@ from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
 from moeconv.modeling.hf.dag import DagAggregator
 from moeconv.modeling.hf.moe_block import MoeconvMoeBlock, route
-from moeconv.partition import Partitioner, PartitionResult, select_shared_neurons
+from moeconv.partition import Partitioner, PartitionResult
 from moeconv.refit import neuron_gates, refit_down
 from moeconv.router import train_router
 
@@ -40,7 +40,8 @@ class LayerContext:
 
 
 def _select_shared(ctx: LayerContext, partitioner: Partitioner) -> None:
-    ctx.shared = select_shared_neurons(ctx.ffn, ctx.calib, ctx.recipe.shared_neurons)
+    ctx.shared, metrics = partitioner.select_shared(ctx.ffn, ctx.calib, ctx.recipe.shared_neurons)
+    ctx.metrics.update({f"shared_{k}": v for k, v in metrics.items()})
     keep = torch.ones(ctx.ffn.d_ff, dtype=torch.bool)
     keep[ctx.shared] = False
     ctx.pool = torch.arange(ctx.ffn.d_ff)[keep]

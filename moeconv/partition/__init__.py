@@ -1,6 +1,6 @@
-"""Neuron partitioners: split each dense FFN's neurons into equal experts (dot, random, kmeans, coact)."""
+"""Neuron partitioners: split each dense FFN's neurons into equal experts (dot, random, kmeans, coact, cmoe, expertweaver)."""
 
-from moeconv.partition import coact, dot, kmeans, random  # noqa: F401  (each module registers itself)
+from moeconv.partition import cmoe, coact, dot, expertweaver, kmeans, random  # noqa: F401  (each module registers itself)
 from moeconv.partition.registry import (
     Partitioner,
     PartitionResult,

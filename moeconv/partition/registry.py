@@ -13,6 +13,7 @@ from torch import Tensor
 
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
+from moeconv.partition.shared import select_shared_neurons
 
 
 @dataclass
@@ -75,6 +76,11 @@ class Partitioner(ABC):
         result = self._partition(ffn, num_experts, calib, generator, top_k)
         check_balanced(result.assignment, num_experts)
         return result
+
+    def select_shared(self, ffn: DenseFFN, calib: Tensor, count: int) -> tuple[Tensor, dict[str, float]]:
+        """([count] sorted ids of the always-active neurons, what the choice measured). Default: the largest mean |h|;
+        a method with its own rule (cmoe, expertweaver) overrides this."""
+        return select_shared_neurons(ffn, calib, count), {}
 
     @abstractmethod
     def _partition(
