@@ -39,7 +39,7 @@ def convert_command(
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe, e.g. configs/dot-moe.yaml")] = None,
     experts: Annotated[int | None, typer.Option(help="number of experts E")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="experts per token k")] = None,
-    method: Annotated[str | None, typer.Option(help="partitioner: random, kmeans, coact, dot")] = None,
+    method: Annotated[str | None, typer.Option(help="partitioner: dot, coact, kmeans, random, cmoe, expertweaver (any registered)")] = None,
     shared_neurons: Annotated[int | None, typer.Option(help="always-active neurons")] = None,
     scoring: Annotated[str | None, typer.Option(help="router scoring: none, softmax, sigmoid")] = None,
     calib: Annotated[str | None, typer.Option(help="calibration text: built-in corpus, file or folder")] = None,

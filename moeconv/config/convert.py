@@ -15,7 +15,7 @@ from moeconv.config.router import RouterConfig
 
 
 class PartitionSpec(Strict):
-    method: str = "random"  # a registered partitioner: random | kmeans | coact | dot
+    method: str = "random"  # a registered partitioner: dot | coact | kmeans | random | cmoe | expertweaver
     options: dict[str, Any] = Field(default_factory=dict)
 
 
