@@ -6,8 +6,6 @@ time, so a converter never holds more than the tensors it is working on.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import re
@@ -16,9 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from moeconv.errors import CheckpointError
+from moeconv.errors import CheckpointError, MoeconvError
 from moeconv.io import load as _registers_moeconv_classes  # noqa: F401 - AutoConfig knows 'moeconv'
 from moeconv.io.files import sha256_file
 from moeconv.io.validate import check_tensors
@@ -195,44 +193,38 @@ class TorchBinReader(CheckpointReader):
 
 
 class GGUFReader(CheckpointReader):
-    """A .gguf file, dequantized by transformers' GGUF support (the whole file is read at once)."""
+    """A .gguf file: config and tokenizer from its metadata (transformers), tensors read one at a time from the file and
+    dequantized on reading (moeconv.io.gguf_reader), equal to what transformers' whole-model GGUF loader gives."""
 
     def __init__(self, file: Path):
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # needs the optional gguf package
-
         self.path = file
         try:
-            import gguf  # optional (extra 'gguf'): only GGUF sources need it
+            from moeconv.io import gguf_reader  # needs the optional gguf package (extra 'gguf'): only GGUF sources do
 
-            names = [t.name for t in gguf.GGUFReader(str(file)).tensors]
+            table = gguf_reader.read_table(file)
             self.config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
-            blocks = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+            blocks = {int(m.group(1)) for t in table.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
             layers = getattr(self.config, "num_hidden_layers", None)
             if blocks and layers != max(blocks) + 1:  # before building (and name-mapping) a model of that many layers
                 raise CheckpointError(f"{file} does not match its own metadata: it says {layers} layers, its tensors hold "
                                       f"{max(blocks) + 1}; the file is corrupt: re-download or re-export it")
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(self.config)
-            with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar would print from inside the library
-                loaded = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
+            self._gguf = gguf_reader.LazyGGUF(table, self.config)
         except ImportError:
             raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
-        except CheckpointError:
+        except MoeconvError:  # already one line that names the problem (a corrupt file, an unreadable type, a MoE GGUF)
             raise
         except Exception as err:  # noqa: BLE001 - gguf/numpy/struct raise many types for a truncated or corrupt file
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CheckpointError(f"cannot read {file} as GGUF ({first}); the file is truncated, corrupt or not a model") from None
-        expected = set(skeleton.state_dict())
-        self._tensors = {k: v for k, v in loaded["tensors"].items() if k in expected}
 
     def keys(self) -> list[str]:
-        return list(self._tensors)
+        return self._gguf.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
+        return self._gguf.shape(name)
 
     def _read(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return self._gguf.read(name)
 
     def source_files(self) -> list[Path]:
         return [self.path]
