@@ -381,3 +381,15 @@ def test_written_shards_are_as_readable_as_the_users_files(src, tmp_path):
         partial.finalize()
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
     assert modes == {"model-00001-of-00001.safetensors": 0o666 & ~UMASK, "config.json": 0o666 & ~UMASK}
+
+
+def test_finite_check_sees_every_chunk():
+    from moeconv.io.validate import all_finite
+
+    t = torch.zeros(10, 7)
+    assert all_finite(t, chunk=3) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in (0, 35, 69):  # first chunk, a chunk boundary, the short last chunk
+            u = t.clone()
+            u.view(-1)[i] = bad
+            assert not all_finite(u, chunk=3), (bad, i)

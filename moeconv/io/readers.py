@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 from moeconv.errors import CheckpointError, MoeconvError
 from moeconv.io import load as _registers_moeconv_classes  # noqa: F401 - AutoConfig knows 'moeconv'
 from moeconv.io.files import sha256_file
-from moeconv.io.validate import check_tensors
+from moeconv.io.validate import all_finite, check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class CheckpointReader(ABC):
         """One tensor, checked finite as it streams: nothing is ever computed from a NaN or Inf weight.
         (The check costs one pass over memory that was just read: about 1% of a conversion's read time.)"""
         t = self._read(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise CheckpointError(f"source tensor '{name}' contains NaN or Inf; fix the source checkpoint first")
         return t
 

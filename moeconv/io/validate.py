@@ -15,6 +15,14 @@ _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 _IGNORABLE = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or Inf in t, checked a chunk at a time: the temporary mask stays small however large the tensor."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def expected_tensors(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """(name -> shape of every tensor the model that config describes loads, names that may be absent because tied)."""
     try:

@@ -30,6 +30,7 @@ from moeconv.io.files import (
 )
 from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
+from moeconv.io.validate import all_finite
 
 PROGRESS = "progress.json"
 UMASK = os.umask(0o022)
@@ -244,6 +245,6 @@ class PartialOutput:
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Refuse to write a NaN or Inf: an output is never computed from (or into) broken numbers."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise MoeconvError(f"output tensor '{name}' came out NaN or Inf, so nothing was written; rerun with -v to see "
                            "which layer and stage produced it, and check the source and recipe")
