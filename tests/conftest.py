@@ -46,8 +46,15 @@ KERNEL_SEED = _seed_for_this_run("MOECONV_TEST_SEED")  # the kernel tests' one f
 KILL_SEED = _seed_for_this_run("MOECONV_KILL_SEED")  # where tests/test_kill_anywhere.py kills its runs
 
 
+SEEDS = f"moeconv seeds of this run: MOECONV_TEST_SEED={KERNEL_SEED} MOECONV_KILL_SEED={KILL_SEED} (set them to replay)"
+
+
 def pytest_report_header(config) -> str:
-    return f"moeconv seeds of this run: MOECONV_TEST_SEED={KERNEL_SEED} MOECONV_KILL_SEED={KILL_SEED} (set them to replay)"
+    return SEEDS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # also under -q, which hides the header
+    terminalreporter.write_line(SEEDS)
 
 
 def build_dense(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
