@@ -73,9 +73,11 @@ def test_dag_command_adds_aggregator(tmp_path):
     model = load_model(tmp_path / "dag", device="cpu")
     assert all(layer.mlp.dag is not None for layer in model.model.layers)
     layers = json.loads((tmp_path / "dag" / "provenance.json").read_text())["dag"]["layers"]
-    # Kept only where it lowers the held-out error; elsewhere the aggregator is left exactly neutral.
+    # Kept only where it lowers the held-out error; elsewhere the aggregator is left exactly neutral (W_up = 0).
     assert all(m["rel_error_after"] <= m["rel_error_before"] for m in layers.values())
-    assert all(m["dag_kept"] == float(m["rel_error_after"] < m["rel_error_before"]) for m in layers.values())
+    for i, m in layers.items():
+        neutral = all(not bool(r.up_weight.any()) for r in model.model.layers[int(i)].mlp.dag.rounds)
+        assert neutral != bool(m["dag_kept"]), (i, m)
 
     # The refit (on by default) re-solved the down projections for top-k routing, so the experts no longer sum to
     # the dense FFN: the targets come from the dense source recorded in provenance.json, or --teacher.
@@ -144,8 +146,7 @@ def test_dag_end_to_end_kl(tmp_path):
     assert result.exit_code == 0, result.output
     joint = json.loads(result.output)["end_to_end"]
     assert joint["steps"] == 4 * 14 // 4 and joint["train_windows"] == 14 and joint["holdout_windows"] == 2
-    assert joint["kept"] == float(joint["kl_trained"] < joint["kl_before"])
-    assert joint["kl_after"] == (joint["kl_trained"] if joint["kept"] else joint["kl_before"])
+    assert joint["kl_after"] <= joint["kl_before"]
     assert json.loads((tmp_path / "kl" / "provenance.json").read_text())["dag"]["end_to_end"]["kl_after"] == joint["kl_after"]
     plain, with_dag = load_model(moe, device="cpu"), load_model(tmp_path / "kl", device="cpu")
     ids = torch.randint(0, 60, (1, 40))

@@ -296,7 +296,7 @@ def test_moe_with_all_experts_reproduces_dense_perplexity(tmp_path, tokenizer, d
 def test_converted_checkpoint_native_and_remote_code(tmp_path, dense_dir, text_file):
     """A checkpoint written by `moeconv convert` (top_k == E: exactly dense), loaded natively and as remote code."""
     convert_mod = pytest.importorskip("moeconv.convert", reason="moeconv convert is not available yet")
-    from moeconv.recipe import load_recipe
+    from moeconv.config import load_recipe
 
     recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "calibration.source": str(text_file),
                                 "calibration.tokens": 256, "calibration.seqlen": 64})
@@ -336,7 +336,9 @@ def test_cli_json_report_compare_and_determinism(tmp_path, cli, dense_dir, moe_d
     first, second = doc["results"]
     for key in ("model", "data_fingerprint", "seqlen", "stride", "tokens_available", "dtype", "device"):
         assert first[key] is not None
-    assert (first["perplexity"]["windows"], first["dtype"], first["device"], first["stride"]) == (first["perplexity"]["windows"], "float32", "cpu", 64)
+    assert (first["dtype"], first["device"], first["stride"], first["seqlen"]) == ("float32", "cpu", 64, 64)
+    windows = first["perplexity"]["windows"]  # non-overlapping windows of 64 over the whole text, the same for both models
+    assert windows * 64 <= first["tokens_available"] < (windows + 1) * 64 and second["perplexity"]["windows"] == windows
     assert second["moe"] and len(second["routing"]) == 2 and second["params"]["active"] < second["params"]["total"]
     row = doc["comparison"][1]
     assert row["comparable"] and row["ppl_ratio"] == pytest.approx(second["perplexity"]["ppl"] / first["perplexity"]["ppl"])
@@ -347,7 +349,7 @@ def test_cli_json_report_compare_and_determinism(tmp_path, cli, dense_dir, moe_d
     r = cli(dense_dir, *common, "--compare", moe_dir, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     again = json.loads((tmp_path / "b.json").read_text())
-    for x, y in zip(doc["results"], again["results"], strict=False):
+    for x, y in zip(doc["results"], again["results"], strict=True):
         for volatile in ("seconds", "tokens_per_s"):
             x["perplexity"].pop(volatile), y["perplexity"].pop(volatile)
         assert x == y
