@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from moeconv.dtypes import DTYPES, output_dtype
 from moeconv.errors import RecipeError
 from moeconv.heal import HealEvent, heal, write_like_student
 from moeconv.heal.checkpoint import CHECKPOINT_DIR
+from moeconv.heal.train import RUN_SPECIFIC
 from moeconv.io.adapters import FamilyAdapter, adapter_for
 from moeconv.io.layout import LayerLayout, moe_settings, output_config
 from moeconv.io.load import load_model, load_tokenizer
@@ -161,8 +161,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
             for i in range(first_layer):  # states were not kept: recompute them
                 progress(ProgressEvent("replaying dense layer", i, plan.layers))
                 runner.run_layer(i, capture=False)
-    metrics_file = partial.path / "layer-metrics.json"
-    metrics: dict[str, dict[str, float]] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics: dict[str, dict[str, float]] = dict(partial.state.get("layers", {}))
     partitioner = get_partitioner(recipe.partition.method, recipe.partition.options)
     for s in todo:
         entries = [e for unit in plan.shards[s] for e in layout.unit_entries(unit)]
@@ -188,7 +187,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                 for name in planned:
                     shard.write(name, tensors[name])
                 del tensors
-            partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
+            partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:
             partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
@@ -208,10 +207,12 @@ def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, dev
     record = provenance(plan.source, reader, calib_fp, tokenizer_saved,
                         parameters={"total": plan.total_params, "active": plan.active_params},
                         layers={i: metrics[i] for i in sorted(metrics, key=int)})
-    if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place
-        record["heal"] = _heal_partial(plan.source, partial, recipe, device, progress)
+    if recipe.heal is not None:  # OUT.partial is now a complete student: heal it in place, once
+        if "heal" not in partial.state:
+            partial.save_state("heal", _heal_partial(plan.source, partial, recipe, device, progress))
+        shutil.rmtree(partial.path / CHECKPOINT_DIR, ignore_errors=True)  # only once the heal is recorded as done
+        record["heal"] = partial.state["heal"]
     partial.write_json("provenance.json", record)
-    (partial.path / "layer-metrics.json").unlink(missing_ok=True)  # kept until here: a resumed heal still reports them
     return record
 
 
@@ -235,8 +236,7 @@ def _heal_partial(src: str, partial: PartialOutput, recipe: ConvertRecipe, devic
     metrics = heal(student, teacher, tokenizer, recipe.heal, partial.path / CHECKPOINT_DIR, on_event, device=device)
     progress(ProgressEvent("writing healed weights"))
     write_like_student(student, partial.path, partial)
-    shutil.rmtree(partial.path / CHECKPOINT_DIR, ignore_errors=True)
-    return {k: v for k, v in metrics.items() if k != "config"}
+    return {k: v for k, v in metrics.items() if k != "config" and k not in RUN_SPECIFIC}
 
 
 __all__ = ["convert", "make_plan", "ConvertPlan"]

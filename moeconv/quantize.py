@@ -192,8 +192,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
             runner.restore(load_file(str(resume_state))["hidden"])
         elif first_layer > 0:
             raise CheckpointError(f"{partial.path} lacks the saved hidden states of layer {first_layer}; rerun without --resume")
-    metrics_file = partial.path / "layer-metrics.json"
-    metrics: dict[str, dict] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics: dict[str, dict] = json.loads(json.dumps(partial.state.get("layers", {})))  # a private copy: sub1 edits it
     dtype = DTYPES[plan.dtype]
     for s in todo:
         tensors: dict[str, torch.Tensor] = {}
@@ -212,7 +211,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
             partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
-        partial.write_text(metrics_file.name, json.dumps(metrics, sort_keys=True))
+        partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
         partial.write_shard(names[s], tensors)
         for stale in partial.path.glob("hidden-*.safetensors"):
             if stale.name != f"hidden-{last_layer + 1}.safetensors":
@@ -221,7 +220,6 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
         stale.unlink()
     if recipe.bits == "sub1":
         _encode_sub1(partial, names, metrics, progress)
-    metrics_file.unlink(missing_ok=True)
     return _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progress)
 
 

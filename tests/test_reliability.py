@@ -393,3 +393,28 @@ def test_finite_check_sees_every_chunk():
             u = t.clone()
             u.view(-1)[i] = bad
             assert not all_finite(u, chunk=3), (bad, i)
+
+
+def test_killed_between_the_last_write_and_the_rename_resumes(src, tmp_path, monkeypatch):
+    """A kill after finalize() parked progress.json beside OUT but before OUT.partial became OUT: --resume completes."""
+    import moeconv.io.writer as writer
+
+    reference = tmp_path / "reference"
+    assert run("convert", str(src), str(reference), *IDENTITY).exit_code == 0
+    real_replace = writer.os.replace
+
+    def killed_at_the_rename(a, b):
+        if str(a).endswith(".partial") and not str(b).endswith(".partial"):
+            raise KeyboardInterrupt  # what SIGKILL leaves: progress parked, OUT.partial complete, no OUT
+        return real_replace(a, b)
+
+    monkeypatch.setattr(writer.os, "replace", killed_at_the_rename)
+    out = tmp_path / "out"
+    assert run("convert", str(src), str(out), *IDENTITY).exit_code == 130
+    assert (tmp_path / "out.partial").is_dir() and (tmp_path / "out.progress.json").is_file() and not out.exists()
+    monkeypatch.setattr(writer.os, "replace", real_replace)
+    result = run("convert", str(src), str(out), *IDENTITY, "--resume")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference", "src"]
+    for f in reference.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name

@@ -53,6 +53,7 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, fingerprint: str, step: i
     if accelerator.is_main_process:
         old = checkpoint_dir / (STATE_DIR + ".old")
         (checkpoint_dir / META_FILE).unlink(missing_ok=True)  # no meta: no checkpoint, while the folders move
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed while removing it
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

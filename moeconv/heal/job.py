@@ -16,7 +16,7 @@ from moeconv.errors import CheckpointError, RecipeError
 from moeconv.heal.checkpoint import CHECKPOINT_DIR
 from moeconv.heal.objective import distill_metrics
 from moeconv.heal.student import write_like_student
-from moeconv.heal.train import HealEvent, heal
+from moeconv.heal.train import RUN_SPECIFIC, HealEvent, heal
 from moeconv.io.files import folder_fingerprint
 from moeconv.io.load import is_moeconv_checkpoint, load_model, load_tokenizer
 from moeconv.io.writer import PartialOutput
@@ -72,7 +72,8 @@ def heal_checkpoint(student: str, out: Path, teacher: str, config: HealConfig, *
         else:  # a .gguf or .bin dense student: written as a transformers folder
             partial.write_saved(model.save_pretrained)
             partial.write_saved(tokenizer.save_pretrained)
-        partial.write_json("heal.json", {**metrics, "teacher": teacher, "student": student, "eval": evals})
+        kept = {k: v for k, v in metrics.items() if k not in RUN_SPECIFIC}  # OUT is byte-identical after a resume
+        partial.write_json("heal.json", {**kept, "teacher": teacher, "student": student, "eval": evals})
         shutil.rmtree(partial.path / CHECKPOINT_DIR, ignore_errors=True)
         return {**{k: v for k, v in metrics.items() if k != "history"}, "eval": evals}
 

@@ -24,6 +24,8 @@ from moeconv.heal.objective import check_pair, distill_loss, training_windows
 from moeconv.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
+# Metrics that differ between an interrupted-and-resumed run and a clean one: reported, never written into OUT.
+RUN_SPECIFIC = ("seconds", "resumed_from_step")
 
 
 @dataclass

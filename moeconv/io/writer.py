@@ -84,6 +84,8 @@ class PartialOutput:
     def __init__(self, out: Path, fingerprint: str, resume: bool, force: bool):
         self.out = check_out_path(Path(out))
         self.path = self.out.with_name(self.out.name + ".partial")
+        # progress.json waits here while OUT.partial is renamed to OUT: a kill in between still resumes
+        self.parked_progress = self.out.with_name(self.out.name + ".progress.json")
         self.fingerprint = fingerprint
         self.lock = OutputLock(self.out).acquire()
         try:
@@ -100,6 +102,10 @@ class PartialOutput:
                 raise MoeconvError(f"{self.out} holds files moeconv did not write (no provenance.json); --force replaces only "
                                    "moeconv outputs: remove it yourself or choose another OUT")
         self.done: dict[str, str] = {}
+        self.pending: dict[str, str] = {}  # shard -> the hash it had before a rewrite that may not have landed
+        self.state: dict = {}  # a job's own resumable state (per-layer metrics, a finished heal ...), never part of OUT
+        if self.out.exists() and not self.path.exists():
+            self.parked_progress.unlink(missing_ok=True)  # left by a run killed after its rename: OUT is complete
         if self.path.exists():
             previous = self._read_progress()
             if not resume:
@@ -111,8 +117,11 @@ class PartialOutput:
                     f"{self.path} was started with another source, recipe or calibration data; rerun without --resume to start over"
                 )
             else:
-                self.done = {k: v for k, v in previous["shards"].items() if self._intact(k, v)}
+                earlier = previous.get("pending", {})
+                self.done = {k: d for k, v in previous["shards"].items() if (d := self._intact(k, {v, earlier.get(k)}))}
+                self.state = previous.get("state", {})
                 self._sweep()
+        self.parked_progress.unlink(missing_ok=True)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -138,18 +147,27 @@ class PartialOutput:
         self.lock.release()
 
     def _read_progress(self) -> dict | None:
+        where = self.path / PROGRESS if (self.path / PROGRESS).is_file() else self.parked_progress
         try:
-            progress = json.loads((self.path / PROGRESS).read_text())
+            progress = json.loads(where.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         return progress if isinstance(progress, dict) and isinstance(progress.get("shards"), dict) else None
 
-    def _intact(self, name: str, digest: str) -> bool:
+    def _intact(self, name: str, digests: set) -> str | None:
+        """The shard's hash if the file on disk is one the progress record vouches for, else None."""
         f = self.path / name
-        return f.is_file() and sha256_file(f) == digest
+        digest = sha256_file(f) if f.is_file() else None
+        return digest if digest in digests else None
 
     def _save_progress(self) -> None:
-        atomic_write_text(self.path / PROGRESS, json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=1))
+        record = {"fingerprint": self.fingerprint, "shards": self.done, "pending": self.pending, "state": self.state}
+        atomic_write_text(self.path / PROGRESS, strict_json(record, indent=1))
+
+    def save_state(self, key: str, value) -> None:
+        """Keep `value` (JSON) with the progress record: it survives a kill, resumes with the partial, never reaches OUT."""
+        self.state[key] = value
+        self._save_progress()
 
     def has_shard(self, name: str) -> bool:
         return name in self.done
@@ -161,10 +179,17 @@ class PartialOutput:
             os.chmod(tmp, 0o666 & ~UMASK)  # safetensors creates its file 0600; an output is as readable as any file the user makes
 
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write (or rewrite) a shard; its hash is recorded before the rename, so a kill on either side of it resumes."""
         for key, value in tensors.items():
             check_finite(key, value)
-        self.save_tensors(name, tensors)
-        self.done[name] = sha256_file(self.path / name)
+        with written_atomically(self.path / name, self.path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o666 & ~UMASK)
+            if name in self.done:
+                self.pending[name] = self.done[name]
+            self.done[name] = sha256_file(tmp)
+            self._save_progress()
+        self.pending.pop(name, None)
         self._save_progress()
 
     @contextmanager
@@ -222,7 +247,7 @@ class PartialOutput:
     def finalize(self) -> Path:
         """Put OUT.partial in place of OUT in one atomic step; a previous OUT (with --force) is removed only after it."""
         try:
-            (self.path / PROGRESS).unlink(missing_ok=True)
+            os.replace(self.path / PROGRESS, self.parked_progress)
             fsync_dir(self.path)
             if self.out.exists() and exchange(self.path, self.out):
                 trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")  # never a name the user chose
@@ -235,6 +260,8 @@ class PartialOutput:
                 shutil.rmtree(trash)
             else:
                 os.replace(self.path, self.out)
+            fsync_dir(self.out.parent)
+            self.parked_progress.unlink()
             fsync_dir(self.out.parent)
         except OSError as err:
             raise write_error(self.out, err) from None

@@ -8,6 +8,7 @@ back to the reference.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib
@@ -66,16 +67,22 @@ def _jit_load(kind: str, sources: list[str], cuda: bool) -> None:
     directory = cache_dir(kind)
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("building moeconv %s kernels (first use only, about a minute) in %s", kind, directory)
-    cpp_extension.load(
-        name=f"moeconv_kernels_{kind}",
-        sources=sources,
-        extra_cflags=build.cxx_flags(),
-        extra_cuda_cflags=build.nvcc_flags() if cuda else None,
-        extra_include_paths=[str(Path(sources[0]).parent)],
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    # torch's own build lock is a plain file that a killed build leaves behind, and every later build then waits on
+    # it forever. An flock is released by the kernel however its holder dies: whoever holds it is the only builder,
+    # so a torch lock file found then is a dead one.
+    with open(directory / "moeconv.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name=f"moeconv_kernels_{kind}",
+            sources=sources,
+            extra_cflags=build.cxx_flags(),
+            extra_cuda_cflags=build.nvcc_flags() if cuda else None,
+            extra_include_paths=[str(Path(sources[0]).parent)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 def _stale_prebuilt(module: str) -> str | None:
