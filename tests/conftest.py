@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import eval_support
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -147,3 +148,33 @@ def remote_code_logits(jobs: list[tuple[Path, list, Path]], workdir: Path) -> li
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-I", "-c", _STANDALONE, payload, str(repo)], check=True, cwd=workdir, env=env)
     return [torch.load(dest, weights_only=True) for _, _, dest in jobs]
+
+
+# The eval tests' models (test_eval.py, test_eval_cli.py): one tiny byte-level tokenizer, text, a dense llama and its MoE.
+@pytest.fixture(scope="module")
+def tokenizer():
+    return eval_support.byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(eval_support.make_text(1500, 7), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("dense")
+    eval_support.tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tokenizer, dense_dir):
+    folder = tmp_path_factory.mktemp("moe")
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    eval_support.moe_from_dense(dense, num_experts=4, top_k=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -2,116 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import sys
-import types
 
 import pytest
 import torch
-import typer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedTokenizerFast
-from typer.testing import CliRunner
+from eval_support import byte_level_tokenizer, make_text, metaspace_tokenizer, moe_from_dense, tiny_llama
+from transformers import AutoModelForCausalLM, MixtralConfig
 
 from moeconv.calib.sources import TextSource
 from moeconv.calib.tokenize import cut_windows, tokenize_source, tokenize_text
-from moeconv.cli.eval_cmd import eval_command
 from moeconv.errors import DataError
 from moeconv.eval import EvalSettings, count_parameters, evaluate_model, evaluate_perplexity
 from moeconv.eval.stats import RoutingRecorder, find_moe_layers
-from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
-from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
-
-WORDS = "the king queen sword crown night day love death war peace river stone fire ever never thou thee art hath doth".split()
-UNICODE = ["café", "naïve", "—", "Æthelred", "日本", "🙂", "\t", "  "]
-
-
-def make_text(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    parts = []
-    for i in range(n_words):
-        parts.append(rng.choice(WORDS) if rng.random() > 0.05 else rng.choice(UNICODE))
-        parts.append("\n\n" if i % 97 == 96 else ("\n" if i % 13 == 12 else ("," if i % 7 == 3 else "") + " "))
-    return "".join(parts)
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([make_text(3000, 1)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
-def metaspace_tokenizer() -> PreTrainedTokenizerFast:
-    """Sentencepiece-like: a prefix '▁' at the start of every text, which chunked tokenization must undo."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"])
-    tok.train_from_iterator([make_text(3000, 2)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
-
-
-def tiny_llama(vocab: int, seed: int = 0, tie: bool = False):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-
-
-def moe_from_dense(dense, num_experts: int, top_k: int) -> MoeconvForCausalLM:
-    """Split each FFN's neurons into contiguous experts; with top_k == num_experts it is the dense model."""
-    d_ff = dense.config.intermediate_size
-    moe = dict(ffn_path="model.layers.{i}.mlp", layers=list(range(dense.config.num_hidden_layers)), num_experts=num_experts,
-               top_k=top_k, expert_size=d_ff // num_experts, shared_size=0, scoring="none", activation="silu", gated=True)
-    model = MoeconvForCausalLM(MoeconvConfig(base_config=dense.config.to_dict(), moe=moe)).eval()
-    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    assert all(".mlp." in k for k in missing)
-    size = d_ff // num_experts
-    with torch.no_grad():
-        for i, layer in enumerate(dense.model.layers):
-            block = model.model.layers[i].mlp
-            torch.nn.init.normal_(block.router.weight, std=0.5)
-            for e, expert in enumerate(block.experts):
-                rows = slice(e * size, (e + 1) * size)
-                expert.gate_proj.weight.copy_(layer.mlp.gate_proj.weight[rows])
-                expert.up_proj.weight.copy_(layer.mlp.up_proj.weight[rows])
-                expert.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, rows])
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(make_text(1500, 7), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("dense")
-    tiny_llama(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tokenizer, dense_dir):
-    folder = tmp_path_factory.mktemp("moe")
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
-    moe_from_dense(dense, num_experts=4, top_k=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def reference_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
@@ -311,99 +213,3 @@ def test_converted_checkpoint_native_and_remote_code(tmp_path, dense_dir, text_f
 
 
 # ---------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer()
-    app.command()(eval_command)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
-
-
-def error_line(result) -> str:
-    text = (result.stderr or result.output).strip()
-    assert result.exit_code == 2, result.output
-    assert len(text.splitlines()) == 1, text
-    return text
-
-
-def test_cli_json_report_compare_and_determinism(tmp_path, cli, dense_dir, moe_dir, text_file):
-    common = ["--data", text_file, "--seqlen", 64, "--device", "cpu", "-q"]
-    r = cli(dense_dir, *common, "--compare", moe_dir, "--json", tmp_path / "a.json", "--report", tmp_path / "rep")
-    assert r.exit_code == 0, r.output
-    doc = json.loads((tmp_path / "a.json").read_text())
-    first, second = doc["results"]
-    for key in ("model", "data_fingerprint", "seqlen", "stride", "tokens_available", "dtype", "device"):
-        assert first[key] is not None
-    assert (first["dtype"], first["device"], first["stride"], first["seqlen"]) == ("float32", "cpu", 64, 64)
-    windows = first["perplexity"]["windows"]  # non-overlapping windows of 64 over the whole text, the same for both models
-    assert windows * 64 <= first["tokens_available"] < (windows + 1) * 64 and second["perplexity"]["windows"] == windows
-    assert second["moe"] and len(second["routing"]) == 2 and second["params"]["active"] < second["params"]["total"]
-    row = doc["comparison"][1]
-    assert row["comparable"] and row["ppl_ratio"] == pytest.approx(second["perplexity"]["ppl"] / first["perplexity"]["ppl"])
-    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "perplexity.png").stat().st_size > 1000
-    assert len(list((tmp_path / "rep").glob("expert_load_*.png"))) == 1
-    assert "| layer |" in (tmp_path / "rep" / "report.md").read_text()
-
-    r = cli(dense_dir, *common, "--compare", moe_dir, "--json", tmp_path / "b.json")
-    assert r.exit_code == 0, r.output
-    again = json.loads((tmp_path / "b.json").read_text())
-    for x, y in zip(doc["results"], again["results"], strict=True):
-        for volatile in ("seconds", "tokens_per_s"):
-            x["perplexity"].pop(volatile), y["perplexity"].pop(volatile)
-        assert x == y
-
-
-def test_cli_flags_incomparable_results(tmp_path, cli, dense_dir, text_file):
-    base = ["--data", text_file, "--device", "cpu", "-q"]
-    assert cli(dense_dir, *base, "--seqlen", 32, "--json", tmp_path / "short.json").exit_code == 0
-    r = cli(dense_dir, *base, "--seqlen", 64, "--compare", tmp_path / "short.json", "--json", "-")
-    assert r.exit_code == 0, r.output
-    row = json.loads(r.stdout)["comparison"][1]
-    assert not row["comparable"] and row["ppl_ratio"] is None and "seqlen 32 vs 64" in "; ".join(row["flags"])
-    r = cli(dense_dir, *base[:-1], "--seqlen", 64, "--compare", tmp_path / "short.json")
-    assert r.exit_code == 0 and "n/c" in r.stdout and "seqlen 32 vs 64" in r.stdout
-
-
-def test_cli_bad_inputs_are_one_line_errors(tmp_path, cli, dense_dir, text_file):
-    (tmp_path / "empty.txt").write_text("  \n")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    (tmp_path / "short.txt").write_text("thou art the king")
-    bare = tmp_path / "no_tokenizer"
-    tiny_llama(50).save_pretrained(bare)
-    assert "empty" in error_line(cli(dense_dir, "--data", tmp_path / "empty.txt"))
-    line = error_line(cli(dense_dir, "--data", tmp_path / "short.txt"))
-    found = int(line.split("has ")[1].split()[0])
-    assert 0 < found < 2048 and f"--seqlen {found} or smaller" in line
-    line = error_line(cli(dense_dir, "--data", "shakespeare:nope"))
-    assert "shakespeare:heldout" in line and "known" in line
-    assert "not UTF-8" in error_line(cli(dense_dir, "--data", tmp_path / "latin1.txt"))
-    assert "--tokenizer" in error_line(cli(bare, "--data", text_file))
-    assert "pip install lm-eval" in error_line(cli(dense_dir, "--data", text_file, "--seqlen", 64, "--lm-eval", "arc_easy"))
-    assert "--stride" in error_line(cli(dense_dir, "--data", text_file, "--seqlen", 64, "--stride", 65))
-    (tmp_path / "other.json").write_text('{"format": "something else"}')
-    assert "moeconv eval --json" in error_line(cli(dense_dir, "--compare", tmp_path / "other.json"))
-
-
-def test_lm_eval_receives_the_loaded_model(monkeypatch, dense_dir, text_file):
-    calls = {}
-
-    class FakeHFLM:
-        def __init__(self, pretrained, tokenizer, batch_size):
-            calls["model"], calls["tokenizer"] = pretrained, tokenizer
-
-    def simple_evaluate(model, tasks):
-        calls["tasks"] = tasks
-        return {"results": {t: {"acc": 0.5} for t in tasks}}
-
-    harness = types.ModuleType("lm_eval")
-    harness.simple_evaluate = simple_evaluate
-    models_pkg, hf = types.ModuleType("lm_eval.models"), types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = FakeHFLM
-    monkeypatch.setitem(sys.modules, "lm_eval", harness)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", models_pkg)
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
-    result = evaluate_model(dense_dir, EvalSettings(data=str(text_file), seqlen=64, device="cpu"), lm_eval_tasks="arc_easy, hellaswag")
-    assert isinstance(calls["model"], torch.nn.Module) and not isinstance(calls["model"], str)
-    assert calls["tasks"] == ["arc_easy", "hellaswag"] and result.lm_eval["results"]["hellaswag"]["acc"] == 0.5
