@@ -100,18 +100,23 @@ def apply_routing(model: nn.Module, moe: dict, rmap: RoutingMap) -> None:
                 expert.down_proj.weight.mul_(rmap.expert_scale)
 
 
+def _forward_capturing(model: nn.Module, blocks, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """The model's logits on ids [B, T] -> [B, T, V], and each MoE layer's router logits seen on the way."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    handles = _capture_logits(blocks, captured)
+    try:
+        return model(ids).logits.float(), captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, moe: dict, rmap: RoutingMap, ids: torch.Tensor, epsilon: float) -> None:
     """Choose each layer's router scale on `ids` [B, T] and measure what the mapping changes (fills rmap)."""
     k = moe["top_k"]
     blocks = moe_blocks(model, moe)
-    logits: dict[int, list[torch.Tensor]] = {}
-    handles = _capture_logits(blocks, logits)
-    try:
-        reference = model(ids).logits.float()  # [B, T, V]
-    finally:
-        for h in handles:
-            h.remove()
+    reference, logits = _forward_capturing(model, blocks, ids)  # [B, T, V], layer -> router logits
     chosen = {}
     for i, parts in logits.items():
         lg = torch.cat(parts).float()  # [N, E]
@@ -121,13 +126,7 @@ def calibrate(model: nn.Module, moe: dict, rmap: RoutingMap, ids: torch.Tensor, 
         chosen[i] = _selection(lg, k, "none", False)[0]
     rmap.epsilon = epsilon
     apply_routing(model, moe, rmap)
-    mapped_logits: dict[int, list[torch.Tensor]] = {}
-    handles = _capture_logits(blocks, mapped_logits)
-    try:
-        mapped = model(ids).logits.float()  # [B, T, V]
-    finally:
-        for h in handles:
-            h.remove()
+    mapped, mapped_logits = _forward_capturing(model, blocks, ids)
     changed, rows, deviation = 0, 0, 0.0
     for i, parts in mapped_logits.items():
         sel, weights = _selection(torch.cat(parts), k, "softmax", rmap.normalize)
