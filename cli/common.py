@@ -87,7 +87,7 @@ def guarded(fn: Callable) -> Callable:
 
 
 def _error_line(message: str) -> None:
-    console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 # Per-layer metrics shown when a layer is done: FFN output error vs dense with the trained router (held-out

@@ -5,15 +5,13 @@ from __future__ import annotations
 import platform
 from typing import Annotated
 
-import safetensors
 import torch
-import transformers
 import typer
 from rich.table import Table
 
-import moeconv
 from moeconv.cli.common import emit_json, guarded, setup_logging, stdout
 from moeconv.inspect import inspect_checkpoint
+from moeconv.jobs import versions
 
 
 def _show(title: str, data: dict) -> None:
@@ -40,8 +38,7 @@ def inspect_command(
 def env_info() -> dict:
 
 
-    info = {"moeconv": moeconv.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
+    info = {**versions(), "python": platform.python_version(),
             "cuda": torch.cuda.is_available(), "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "cpu_threads": torch.get_num_threads()}
     try:

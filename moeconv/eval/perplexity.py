@@ -21,6 +21,7 @@ from moeconv.eval.llamacpp import evaluate_gguf, use_llamacpp
 from moeconv.eval.overhead import DagOverhead, measure_dag_overhead
 from moeconv.eval.stats import LayerRouting, ParameterCounts, RoutingRecorder, bytes_on_disk, count_parameters
 from moeconv.io.load import load_model, load_tokenizer, resolve_device, resolve_dtype
+from moeconv.io.validate import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def first_non_finite_module(model: nn.Module, x: torch.Tensor) -> str:
     def hook(name: str):
         def check(module, args, output) -> None:
             out = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
-            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if not found and isinstance(out, torch.Tensor) and not all_finite(out):
                 found.append(name)
         return check
 

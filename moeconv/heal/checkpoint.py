@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +14,6 @@ from torch import nn
 from moeconv.config import HealConfig
 from moeconv.errors import MoeconvError
 from moeconv.io.files import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 STATE_DIR, META_FILE = "state", "heal.json"
 CHECKPOINT_DIR = "heal-state"  # inside OUT.partial: the heal of a convert or heal job, removed when it completes

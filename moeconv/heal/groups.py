@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
-
 
 # Parameter groups: the router is optimised and clipped on its own (see METHODS.md, "Measured
 # pitfall": a straight-through router's gradient reached 1e4-1e8 and starved everything else

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -13,8 +12,6 @@ from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource
 from moeconv.config import HealConfig
 from moeconv.errors import DataError, MoeconvError
-
-log = logging.getLogger(__name__)
 
 
 def training_windows(tokenizer, source: TextSource, config: HealConfig) -> torch.Tensor:

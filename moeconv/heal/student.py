@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from safetensors import safe_open
@@ -11,10 +10,6 @@ from torch import nn
 from moeconv.dtypes import FROM_SAFETENSORS_CODE
 from moeconv.errors import CheckpointError
 from moeconv.io.writer import PartialOutput
-
-log = logging.getLogger(__name__)
-
-
 
 
 def write_like_student(model: nn.Module, student_dir: Path, partial: PartialOutput) -> int:

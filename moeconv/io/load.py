@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from moeconv.dtypes import DTYPES
 from moeconv.errors import CheckpointError, MoeconvError
@@ -91,23 +91,6 @@ def _tokenizer_problem(folder: Path, err: Exception) -> str:
     if folder.is_dir() and not any((folder / n).is_file() for n in names) and not any(folder.glob("*.gguf")):
         return "has no tokenizer"
     return f"has a tokenizer that cannot be read ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})"
-
-
-def save_tokenizer_files(reader, partial) -> bool:
-    """Carry the source's tokenizer and generation defaults (eos ids, sampling) into OUT.partial.  -> tokenizer saved"""
-    source = Path(reader.path)
-    generation = source / "generation_config.json" if source.is_dir() else None
-    if generation is not None and generation.is_file():
-        partial.copy_in(generation)
-    elif getattr(reader.config, "eos_token_id", None) is not None:  # a .gguf: its ids are in the config it implies
-        partial.write_saved(GenerationConfig.from_model_config(reader.config).save_pretrained)
-    try:
-        tokenizer = load_tokenizer(reader.path)
-    except CheckpointError as err:
-        log.warning("the output has no tokenizer: %s", err)
-        return False
-    partial.write_saved(tokenizer.save_pretrained)
-    return True
 
 
 def load_model(

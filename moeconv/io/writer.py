@@ -22,7 +22,6 @@ from moeconv.io.files import (
     atomic_write_text,
     exchange,
     fsync_dir,
-    replace_atomically,
     sha256_file,
     strict_json,
     write_error,
@@ -175,16 +174,14 @@ class PartialOutput:
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A safetensors file in OUT.partial, whole or absent after any crash (not recorded as a shard)."""
         with written_atomically(self.path / name, self.path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            os.chmod(tmp, 0o666 & ~UMASK)  # safetensors creates its file 0600; an output is as readable as any file the user makes
+            _save_safetensors(tmp, tensors)
 
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write (or rewrite) a shard; its hash is recorded before the rename, so a kill on either side of it resumes."""
         for key, value in tensors.items():
             check_finite(key, value)
         with written_atomically(self.path / name, self.path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            os.chmod(tmp, 0o666 & ~UMASK)
+            _save_safetensors(tmp, tensors)
             if name in self.done:
                 self.pending[name] = self.done[name]
             self.done[name] = sha256_file(tmp)
@@ -195,21 +192,14 @@ class PartialOutput:
     @contextmanager
     def stream_shard(self, name: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
         """Yield a StreamingShard for `name`; it becomes visible (and recorded) only when complete."""
-        tmp = self.path / (name + ".tmp")
-        shard = None
-        try:
+        with written_atomically(self.path / name, self.path) as tmp:
             shard = StreamingShard(tmp, entries, check=check_finite)
-            yield shard
-            shard.close()
-            replace_atomically(tmp, self.path / name)
-        except OSError as err:
-            if shard is not None:
-                shard.abort()
-            raise write_error(self.path, err) from None
-        except BaseException:
-            if shard is not None:
-                shard.abort()
-            raise
+            try:
+                yield shard
+                shard.close()
+            except BaseException:
+                shard.abort()  # closes the file; written_atomically removes it
+                raise
         self.done[name] = sha256_file(self.path / name)
         self._save_progress()
 
@@ -249,12 +239,11 @@ class PartialOutput:
         try:
             os.replace(self.path / PROGRESS, self.parked_progress)
             fsync_dir(self.path)
+            trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")  # never a name the user chose
             if self.out.exists() and exchange(self.path, self.out):
-                trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")  # never a name the user chose
                 os.replace(self.path, trash)  # OUT.partial now holds the previous output
                 shutil.rmtree(trash)
             elif self.out.exists():  # no atomic exchange on this file system: two renames
-                trash = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")
                 os.replace(self.out, trash)
                 os.replace(self.path, self.out)
                 shutil.rmtree(trash)
@@ -268,6 +257,11 @@ class PartialOutput:
         finally:
             self.close()
         return self.out
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~UMASK)  # safetensors creates its file 0600; an output is as readable as any file the user makes
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
