@@ -34,13 +34,27 @@ class HealConfig(BaseModel):
     router_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the routers, on their own")
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: only after the last step)")
     log_every: int = Field(1, ge=1, description="optimizer steps averaged into one history entry")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, and on a CPU with native bf16 matmuls (AVX512-BF16/AMX) on the fast engine")
+    engine: Literal["fast", "reference"] = Field(
+        "fast", description="fast: batched experts and KL/CE chunked over the vocabulary; reference: per-expert loop, full logits")
+    epochs: int = Field(1, ge=1, description="passes over the distinct windows: tokens / epochs tokens of text, each seen `epochs` times")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine: warm-up then cosine to min_lr_ratio; wsd: warm-up, constant, linear decay over the last `decay`")
+    decay: float = Field(0.3, gt=0, le=1, description="wsd: fraction of steps of the final linear decay")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between held-out KL measurements (0: none)")
+    eval_tokens: int = Field(0, ge=0, description="held-out tokens measured every eval_every steps (windows of seqlen)")
+    eval_source: str = Field("shakespeare:heldout", description="held-out text of the eval_every measurements")
     seed: int = 0
     source: str = Field("shakespeare", description="training text: built-in corpus, file or folder (never a held-out split)")
     text_field: str = "text"
 
     def steps(self) -> int:
         return -(-self.tokens // (self.batch * self.seqlen))
+
+    def distinct_windows(self) -> int:
+        """Windows of text the heal reads; each is trained on `epochs` times (the last pass may be cut short)."""
+        return -(-self.steps() * self.batch // self.epochs)
 
 
 def heal_config(data: dict | None, where: str = "recipe heal") -> HealConfig:

@@ -15,11 +15,14 @@ from moeconv.errors import DataError, MoeconvError
 
 
 def training_windows(tokenizer, source: TextSource, config: HealConfig) -> torch.Tensor:
-    """The first steps*batch windows of the source, shuffled by the seed.  -> [steps * batch, seqlen]"""
-    windows = config.steps() * config.batch
-    stream = tokenize_windows(tokenizer, source, windows * config.seqlen, config.seqlen, purpose="heal",
-                              fix="pass more text (--heal-source) or lower --heal-tokens")  # [W, L]
-    order = torch.randperm(windows, generator=torch.Generator().manual_seed(config.seed))
+    """The windows of every step in order: the first distinct_windows() windows of the source, shuffled by the
+    seed once per epoch (epoch e by seed + e; one epoch is the order heal always used).  -> [steps * batch, seqlen]"""
+    total, distinct = config.steps() * config.batch, config.distinct_windows()
+    purpose = "heal" if config.epochs == 1 else f"heal ({config.epochs} epochs x {distinct} windows)"
+    fix = "pass more text (--heal-source) or lower --heal-tokens" + ("" if config.epochs == 1 else " or raise epochs")
+    stream = tokenize_windows(tokenizer, source, distinct * config.seqlen, config.seqlen, purpose=purpose, fix=fix)  # [W, L]
+    order = torch.cat([torch.randperm(distinct, generator=torch.Generator().manual_seed(config.seed + e))
+                       for e in range(config.epochs)])[:total]
     return stream[order]
 
 

@@ -15,11 +15,14 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource, load_text
 from moeconv.config import HealConfig
 from moeconv.errors import DataError, RecipeError
 from moeconv.heal.checkpoint import STATE_DIR, checkpoint_step, fingerprint, save_checkpoint
+from moeconv.heal.fast import batched_experts, fast_distill_loss
 from moeconv.heal.groups import BODY, GROUPS, moe_blocks, parameter_groups, straight_through_routing
+from moeconv.heal.monitor import heldout_point
 from moeconv.heal.objective import check_pair, distill_loss, training_windows
 from moeconv.schedule import warmup_cosine
 
@@ -30,7 +33,7 @@ RUN_SPECIFIC = ("seconds", "resumed_from_step")
 
 @dataclass
 class HealEvent:
-    """Progress report: `stage` is 'tokenize', 'resume', 'step' or 'checkpoint'."""
+    """Progress report: `stage` is 'tokenize', 'resume', 'step', 'eval' (held-out KL) or 'checkpoint'."""
 
     stage: str
     step: int = 0
@@ -49,6 +52,7 @@ class _HealState:
     history: list[dict] = field(default_factory=list)
     grad_norm_max: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in (*GROUPS, "body")})
     nonfinite_steps: dict[str, int] = field(default_factory=lambda: {"router": 0, "body": 0})
+    heldout: list[dict] = field(default_factory=list)  # {"step", "kl", "ppl"} every eval_every steps
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -58,8 +62,26 @@ class _HealState:
 
 
 def lr_factor(step: int, steps: int, config: HealConfig) -> float:
-    """Linear warmup over `warmup` of the steps, then cosine from 1 down to min_lr_ratio."""
-    return warmup_cosine(step, steps, int(round(config.warmup * steps)), floor=config.min_lr_ratio)
+    """Linear warmup over `warmup` of the steps, then cosine from 1 down to min_lr_ratio (schedule cosine), or
+    constant until the last `decay` of the steps and a linear decay to min_lr_ratio (schedule wsd)."""
+    warmup = int(round(config.warmup * steps))
+    if config.schedule == "cosine":
+        return warmup_cosine(step, steps, warmup, floor=config.min_lr_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    decay = max(1, int(round(config.decay * steps)))
+    left = steps - step  # 1 at the last step
+    return 1.0 if left > decay else config.min_lr_ratio + (1 - config.min_lr_ratio) * (left - 1) / decay
+
+
+def mixed_precision(config: HealConfig, cpu: bool) -> str:
+    """auto: bf16 on CUDA; on a CPU only for the fast engine and only where oneDNN has native bf16 matmuls."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if not cpu:
+        return "bf16"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if config.engine == "fast" and native else "no"
 
 
 def _make_optimizer(groups: dict, config: HealConfig, train_router: bool) -> torch.optim.Optimizer:
@@ -110,7 +132,8 @@ def heal(
     if config.kl_weight == 0 and config.ce_weight == 0:
         raise RecipeError("heal kl_weight and ce_weight are both 0; give at least one a positive weight")
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    precision = ("no" if cpu else "bf16") if config.mixed_precision == "auto" else config.mixed_precision
+    precision = mixed_precision(config, cpu)
+    fast = config.engine == "fast"
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     if config.batch % accelerator.num_processes:
         raise RecipeError(f"heal batch {config.batch} is not divisible by the {accelerator.num_processes} processes; change batch")
@@ -125,6 +148,10 @@ def heal(
                         f"[{config.steps() * config.batch}, {config.seqlen}]; pass whole batches of seqlen tokens")
     check_pair(student, teacher, windows)
     steps = config.steps()
+    held = None
+    if config.eval_every and config.eval_tokens:
+        held = tokenize_windows(tokenizer, load_text(config.eval_source, config.text_field), config.eval_tokens, config.seqlen,
+                                purpose="heal held-out", fix="pass more text (eval_source) or lower eval_tokens")
 
     groups = parameter_groups(student)
     has_router_grad = any(getattr(b, "scoring", "none") != "none" for b in moe_blocks(student)) or config.straight_through
@@ -162,7 +189,10 @@ def heal(
     window_acc: list[dict] = []
     start_time = time.perf_counter()
     try:
-        with straight_through_routing(student, train_router and config.straight_through) as n_ste:
+        with straight_through_routing(student, train_router and config.straight_through) as n_ste, \
+                batched_experts(student) if fast else contextlib.nullcontext():
+            if held is not None and start_step == 0:
+                _heldout(state, 0, steps, student, teacher, held, accelerator, fast, precision, progress)
             for step in range(start_step, steps):
                 batch = windows[step * config.batch : (step + 1) * config.batch]
                 mine = batch[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)  # [b, L]
@@ -172,12 +202,16 @@ def heal(
                 totals = torch.zeros(3, device=accelerator.device)
                 for m, (lo, hi) in enumerate(micro):
                     x = mine[lo:hi]
-                    with torch.no_grad(), accelerator.autocast():
-                        t_logits = teacher(input_ids=x, use_cache=False).logits  # [b, L, V]
+                    if not fast:  # the fast path computes the teacher's final hidden states itself
+                        with torch.no_grad(), accelerator.autocast():
+                            t_logits = teacher(input_ids=x, use_cache=False).logits  # [b, L, V]
                     sync = m == len(micro) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        s_logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
-                        loss, kl, ce = distill_loss(s_logits, t_logits, x, config)
+                        if fast:
+                            loss, kl, ce = fast_distill_loss(student, model, teacher, x, config, precision == "bf16")
+                        else:
+                            s_logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
+                            loss, kl, ce = distill_loss(s_logits, t_logits, x, config)
                         accelerator.backward(loss * (hi - lo) / (mine.shape[0]))
                     totals += torch.stack([loss.detach(), kl.detach(), ce.detach()]) * (hi - lo) / mine.shape[0]
                 norms = _clip_groups(accelerator, params, body_params, config, state)
@@ -191,6 +225,8 @@ def heal(
                     state.history.append({"step": state.step, **entry})
                     window_acc = []
                 progress(HealEvent("step", state.step, steps, {"loss": loss_v, "kl": kl_v, "ce": ce_v, "grad_norm": norms}))
+                if held is not None and (state.step % config.eval_every == 0 or state.step == steps):
+                    _heldout(state, state.step, steps, student, teacher, held, accelerator, fast, precision, progress)
                 # The last step is always saved: a caller killed while writing the result resumes from it.
                 if checkpoint_dir is not None and (state.step == steps or (
                         config.checkpoint_every and state.step % config.checkpoint_every == 0)):
@@ -207,7 +243,15 @@ def heal(
         "final": state.history[-1] if state.history else {}, "grad_norm_max": state.grad_norm_max,
         "nonfinite_steps": state.nonfinite_steps, "history": state.history,
         "config": config.model_dump(mode="json"), "text": source.name if source is not None else "windows", "mixed_precision": precision,
+        "heldout": state.heldout,
     }
+
+
+def _heldout(state: _HealState, step: int, steps: int, student, teacher, held, accelerator, fast: bool, precision: str,
+             progress: HealProgress) -> None:
+    point = {"step": step, **heldout_point(student, teacher, held, accelerator, fast=fast, lowp=precision == "bf16")}
+    state.heldout.append(point)
+    progress(HealEvent("eval", step, steps, point))
 
 
 def _clip_groups(accelerator, params: dict[str, list], body_params: list, config: HealConfig, state: _HealState) -> dict:

@@ -1,0 +1,157 @@
+"""Heal's fast training path: MoE blocks through batched matmuls, the loss from final hidden states in chunks.
+
+While healing, each MoE block's routed_sum / routed_outputs is swapped for one that sorts the (token, slot)
+pairs by expert, packs them into an [E, capacity, d] buffer, and runs the experts' stacked weights through
+three batched matmuls (autograd through torch.stack reaches every expert's own parameters); the router
+always runs in float32, so bf16 autocast does not move a token's expert choice by rounding. The output
+embedding is bypassed so the model returns its final hidden states and chunked.chunked_distill computes
+the KL and CE a few rows of the vocabulary at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from torch import nn
+
+from moeconv.errors import MoeconvError
+from moeconv.heal.chunked import chunked_distill, chunked_terms
+from moeconv.heal.groups import moe_blocks
+
+
+def stacked_experts(block: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The experts' weights stacked: gate/up [E, s, d], down [E, d, s], biases [E, s] (None where absent)."""
+    experts = list(block.experts)
+
+    def stack(get):
+        parts = [get(e) for e in experts]
+        return None if parts[0] is None else torch.stack(parts)
+
+    return {"gate": stack(lambda e: None if e.gate_proj is None else e.gate_proj.weight),
+            "gate_bias": stack(lambda e: None if e.gate_proj is None else e.gate_proj.bias),
+            "up": stack(lambda e: e.up_proj.weight), "up_bias": stack(lambda e: e.up_proj.bias),
+            "down": stack(lambda e: e.down_proj.weight)}
+
+
+def _slot_outputs(block: nn.Module, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """Each (token, slot)'s weighted expert output, in expert-sorted order.  -> y [T*k, d], order [T*k]"""
+    n_exp, k = block.num_experts, ids.shape[1]
+    flat = ids.reshape(-1)  # [T*k]
+    order = flat.argsort(stable=True)  # slots grouped by expert, tokens ascending within each
+    counts = torch.bincount(flat, minlength=n_exp)  # [E]
+    expert = flat[order]
+    pos = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    w = stacked_experts(block)
+    buf = x.new_zeros(n_exp, int(counts.max()), x.shape[1])  # [E, C, d]
+    buf[expert, pos] = x[order // k]
+    up = torch.bmm(buf, w["up"].transpose(1, 2))  # [E, C, s]
+    if w["up_bias"] is not None:
+        up = up + w["up_bias"][:, None]
+    if w["gate"] is None:
+        h = block.experts[0].act(up)
+    else:
+        gate = torch.bmm(buf, w["gate"].transpose(1, 2))
+        if w["gate_bias"] is not None:
+            gate = gate + w["gate_bias"][:, None]
+        h = block.experts[0].act(gate) * up
+    y = torch.bmm(h, w["down"].transpose(1, 2))[expert, pos]  # [T*k, d]
+    return (y * weights.reshape(-1)[order, None]).to(x.dtype), order
+
+
+def _routed_sum(block, x, ids, weights):
+    y, order = _slot_outputs(block, x, ids, weights)
+    return torch.zeros_like(x).index_add(0, order // ids.shape[1], y)
+
+
+def _routed_outputs(block, x, ids, weights):
+    y, order = _slot_outputs(block, x, ids, weights)
+    return x.new_zeros(ids.numel(), x.shape[1]).index_copy(0, order, y).view(*ids.shape, x.shape[1])
+
+
+def _float32_route(route):
+    def wrapped(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return route(x.float())
+    return wrapped
+
+
+@contextlib.contextmanager
+def batched_experts(model: nn.Module):
+    """Swap every MoE block's expert loop for the batched one (and a float32 router); restore afterwards."""
+    saved = []
+    for block in moe_blocks(model):
+        own = {name: vars(block)[name] for name in ("route", "routed_sum", "routed_outputs") if name in vars(block)}
+        saved.append((block, own))
+        block.route = _float32_route(block.route)
+        block.routed_sum = types.MethodType(_routed_sum, block)
+        block.routed_outputs = types.MethodType(_routed_outputs, block)
+    try:
+        yield len(saved)
+    finally:
+        for block, own in saved:
+            for name in ("route", "routed_sum", "routed_outputs"):
+                delattr(block, name)
+                if name in own:
+                    setattr(block, name, own[name])
+
+
+@contextlib.contextmanager
+def head_bypassed(model: nn.Module):
+    """The output embedding returns its input: the model's `.logits` are its final hidden states [B, L, d]."""
+    head = model.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+
+    def passthrough(h):
+        seen.append(h)
+        return h
+
+    head.forward = passthrough
+    try:
+        yield seen
+    finally:
+        del head.forward
+
+
+def final_hidden(model: nn.Module, wrapped: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`wrapped`'s (model's, possibly DDP-wrapped) final hidden states [B, L, d] for ids x [B, L]."""
+    with head_bypassed(model) as seen:
+        out = wrapped(input_ids=x, use_cache=False).logits
+    (h,) = seen
+    if out.shape != h.shape or not torch.equal(out.detach().float(), h.detach().float()):
+        raise MoeconvError(f"{type(model).__name__} transforms its logits after the output embedding (e.g. soft-capping); "
+                           "heal it with engine: reference")
+    return h
+
+
+def next_token_targets(x: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B*L]: each position's next token, -100 at a window's last position."""
+    targets = x.roll(-1, dims=1)
+    targets[:, -1] = -100
+    return targets.flatten()
+
+
+def fast_distill_loss(student: nn.Module, wrapped: nn.Module, teacher: nn.Module, x: torch.Tensor, config,
+                      lowp: bool, teacher_hidden: torch.Tensor | None = None):
+    """(loss, kl, ce) of one micro-batch x [b, L] on the fast path (the blocks already swapped by batched_experts)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=lowp):
+        hs = final_hidden(student, wrapped, x)  # [b, L, d]
+        if teacher_hidden is None:
+            with torch.no_grad():
+                teacher_hidden = final_hidden(teacher, teacher, x)
+    with torch.autocast(x.device.type, enabled=False):
+        return chunked_distill(hs.flatten(0, 1), student.get_output_embeddings(), teacher_hidden.flatten(0, 1),
+                               teacher.get_output_embeddings(), next_token_targets(x), config, lowp)
+
+
+@torch.no_grad()
+def fast_kl_sums(student: nn.Module, teacher: nn.Module, x: torch.Tensor, lowp: bool) -> tuple[float, float, int, int]:
+    """Held-out (KL sum, CE sum, tokens, predicted tokens) of x [b, L] without logits [b, L, V] (no gradient)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=lowp):
+        hs, ht = final_hidden(student, student, x), final_hidden(teacher, teacher, x)
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    kl, ce, n, n_ce, *_ = chunked_terms(hs.flatten(0, 1), s_head.weight, getattr(s_head, "bias", None), ht.flatten(0, 1),
+                                        t_head.weight, getattr(t_head, "bias", None), next_token_targets(x),
+                                        kl_weight=1.0, ce_weight=1.0, temperature=1.0, lowp=lowp, grad=False)
+    return float(kl), float(ce), n, n_ce
