@@ -309,6 +309,8 @@ std::string set_cpu_isa(c10::string_view isa) {
 }
 
 }  // namespace
+
+const char* active_isa_name() { return active_table()->isa; }  // quant_cpu.h: the quantized kernels follow it
 }  // namespace moeconv_cpu
 
 TORCH_LIBRARY(moeconv_C, m) {

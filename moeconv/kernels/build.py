@@ -19,8 +19,12 @@ CPU_SOURCES = (
     "csrc/cpu/moe_avx512.cpp",
     "csrc/cpu/moe_avx2.cpp",
     "csrc/cpu/moe_generic.cpp",
+    "csrc/cpu/quant_ops.cpp",
+    "csrc/cpu/quant_avx512.cpp",
+    "csrc/cpu/quant_avx2.cpp",
+    "csrc/cpu/quant_generic.cpp",
 )
-CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h")
+CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h", "csrc/cpu/quant_cpu.h", "csrc/cpu/quant_cpu_impl.h", "csrc/cpu/quant_x86.h")
 CUDA_SOURCES = ("csrc/cuda/moe_cuda_ops.cpp", "csrc/cuda/moe_cuda_kernels.cu")
 CUDA_HEADERS = ("csrc/cuda/moe_cuda.h",)
 CPU_EXTENSION = "moeconv.kernels._C"

@@ -1,0 +1,76 @@
+// AVX2+FMA instantiation of the quantized linear kernels (picked at run time on x86 without AVX-512).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "quant_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+// As in moe_avx2.cpp: the target covers only this file's own code, not the system headers above.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#define MOECONV_QUANT_NS qavx2
+#include "quant_x86.h"
+
+namespace moeconv_cpu {
+namespace qavx2 {
+struct V {
+  using reg = __m256;
+  using lut_t = __m256;
+  static constexpr int width = 8;
+  static constexpr int rows = 2;  // 2 rows x 4 tokens = 8 accumulators of 16 ymm registers
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static inline reg set1(float v) { return _mm256_set1_ps(v); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline __m256i bytes(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline reg from_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(bytes(p)); }
+  static inline lut_t lut8(const float* table) { return _mm256_loadu_ps(table); }
+  static inline reg lookup(lut_t table, const uint8_t* p) { return _mm256_permutevar8x32_ps(table, bytes(p)); }
+  static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack4_x86(src, nbytes, dst); }
+  static inline void unpack2(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack2_x86(src, nbytes, dst); }
+};
+}  // namespace qavx2
+}  // namespace moeconv_cpu
+#include "quant_cpu_impl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+namespace moeconv_cpu {
+const QuantTable* quant_table_avx2() {
+  static const QuantTable table{"avx2", &qavx2::rows};
+  return &table;
+}
+}  // namespace moeconv_cpu
+
+#else
+namespace moeconv_cpu {
+const QuantTable* quant_table_avx2() { return nullptr; }
+}  // namespace moeconv_cpu
+#endif

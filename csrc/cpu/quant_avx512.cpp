@@ -1,0 +1,72 @@
+// AVX-512 instantiation of the quantized linear kernels (avx512 and avx512bf16 paths).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "quant_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+// As in moe_avx512.cpp: the target covers only this file's own code, not the system headers above.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+
+#define MOECONV_QUANT_NS qavx512
+#include "quant_x86.h"
+
+namespace moeconv_cpu {
+namespace qavx512 {
+struct V {
+  using reg = __m512;
+  using lut_t = __m512;
+  static constexpr int width = 16;
+  static constexpr int rows = 4;  // 4 rows x 4 tokens = 16 accumulators of 32 zmm registers
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static inline reg set1(float v) { return _mm512_set1_ps(v); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
+  static inline __m512i bytes(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline reg from_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(bytes(p)); }
+  // 8 entries in lanes 0..7, zeros above: symbols index the low 4 bits, and only 0..3 occur.
+  static inline lut_t lut8(const float* table) { return _mm512_zextps256_ps512(_mm256_loadu_ps(table)); }
+  static inline reg lookup(lut_t table, const uint8_t* p) { return _mm512_permutexvar_ps(bytes(p), table); }
+  static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack4_x86(src, nbytes, dst); }
+  static inline void unpack2(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack2_x86(src, nbytes, dst); }
+};
+}  // namespace qavx512
+}  // namespace moeconv_cpu
+#include "quant_cpu_impl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+namespace moeconv_cpu {
+const QuantTable* quant_table_avx512() {
+  static const QuantTable table{"avx512", &qavx512::rows};
+  return &table;
+}
+}  // namespace moeconv_cpu
+
+#else
+namespace moeconv_cpu {
+const QuantTable* quant_table_avx512() { return nullptr; }
+}  // namespace moeconv_cpu
+#endif

@@ -1,0 +1,218 @@
+// Quantized linear kernels, written once against a small SIMD wrapper `V` and compiled per ISA: the
+// including translation unit defines MOECONV_QUANT_NS and V first (quant_generic/avx2/avx512.cpp).
+// V provides: reg, width, rows, zero, load, store, set1, sub, mul, fma, hsum, from_u8 (width bytes ->
+// floats), lut_t + lut8 (8 floats -> a table), lookup (width symbol bytes -> table values),
+// unpack4 / unpack2 (packed bytes -> one code byte per value, in order).
+//
+// Decode is memory-bound: each output row's packed bytes are read once per call. For a block of RT
+// rows and a column block of kCols values the codes are unpacked into bytes, dequantized into a float
+// buffer that stays in L1 (exactly the reference's float32 arithmetic, so the weights are bit-equal to
+// quant_linear.dequantize_buffers), and that buffer is dotted with every token (up to 4 at a time).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "quant_cpu.h"
+
+namespace moeconv_cpu {
+namespace MOECONV_QUANT_NS {
+
+constexpr int64_t kCols = 512;   // values per column block (a multiple of 8: whole int3 chunks)
+constexpr int64_t kSlack = 64;   // bytes written past a code buffer's end by vector unpacking / sub1 decode
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (mant << 13);  // Inf / NaN
+  } else if (exp == 0) {
+    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: mant * 2^-24, exact
+    return sign ? -f : f;
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Code i of a packed row (little-endian bit order inside each chunk, docs/quant-formats.md).
+inline uint32_t code_at(const uint8_t* row, int bits, int64_t i) {
+  switch (bits) {
+    case 8: return row[i];
+    case 4: return (row[i >> 1] >> ((i & 1) * 4)) & 15u;
+    case 2: return (row[i >> 2] >> ((i & 3) * 2)) & 3u;
+    default: {  // 3: 8 values in 3 bytes
+      const uint8_t* c = row + (i >> 3) * 3;
+      const uint32_t word = c[0] | (static_cast<uint32_t>(c[1]) << 8) | (static_cast<uint32_t>(c[2]) << 16);
+      return (word >> (3 * (i & 7))) & 7u;
+    }
+  }
+}
+
+// Codes [c0, c0 + n) of a packed row as bytes (c0 a multiple of 8). int8 rows are their own codes.
+inline const uint8_t* unpack_codes(const uint8_t* row, int bits, int64_t c0, int64_t n, uint8_t* buf) {
+  switch (bits) {
+    case 8: return row + c0;
+    case 4: V::unpack4(row + c0 / 2, (n + 1) / 2, buf); return buf;
+    case 2: V::unpack2(row + c0 / 4, (n + 3) / 4, buf); return buf;
+    default:
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<uint8_t>(code_at(row + c0 / 8 * 3, 3, i));
+      return buf;
+  }
+}
+
+inline float zero_of(const QuantArgs& a, int64_t r, int64_t g) {
+  switch (a.zero_mode) {
+    case kZeroSymmetric: return static_cast<float>(1 << (a.bits - 1));
+    case kZeroHalf: return half_to_float(a.zeros[r * a.n_groups + g]);
+    default: return static_cast<float>(code_at(a.qzeros + r * a.zero_row_bytes, a.bits, g));
+  }
+}
+
+// dst[i] = (codes[i] - zero) * scale, the reference's float32 operations in its order.
+inline void dequant(const uint8_t* codes, int64_t n, float zero, float scale, float* dst) {
+  const typename V::reg zv = V::set1(zero), sv = V::set1(scale);
+  int64_t i = 0;
+  for (; i + V::width <= n; i += V::width) V::store(dst + i, V::mul(V::sub(V::from_u8(codes + i), zv), sv));
+  for (; i < n; ++i) dst[i] = (static_cast<float>(codes[i]) - zero) * scale;
+}
+
+// dst[i] = {0, lo, hi, 0}[symbols[i]] (ternary symbols; 3 never occurs in valid data and reads 0 like the reference).
+inline void lookup(const uint8_t* symbols, int64_t n, float lo, float hi, float* dst) {
+  alignas(64) const float table[8] = {0.0f, lo, hi, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const typename V::lut_t lut = V::lut8(table);
+  int64_t i = 0;
+  for (; i + V::width <= n; i += V::width) V::store(dst + i, V::lookup(lut, symbols + i));
+  for (; i < n; ++i) dst[i] = table[symbols[i] & 7];
+}
+
+// dots[r][j] = <w[r], xs[j]> over n values.
+template <int RT, int NT>
+inline void dot_tile(const float* const* w, const float* const* xs, int64_t n, float dots[RT][4]) {
+  typename V::reg acc[RT][NT];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NT; ++j) acc[r][j] = V::zero();
+  int64_t i = 0;
+  for (; i + V::width <= n; i += V::width) {
+    typename V::reg xv[NT];
+    for (int j = 0; j < NT; ++j) xv[j] = V::load(xs[j] + i);
+    for (int r = 0; r < RT; ++r) {
+      const typename V::reg wv = V::load(w[r] + i);
+      for (int j = 0; j < NT; ++j) acc[r][j] = V::fma(wv, xv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NT; ++j) dots[r][j] = V::hsum(acc[r][j]);
+  for (; i < n; ++i)
+    for (int r = 0; r < RT; ++r)
+      for (int j = 0; j < NT; ++j) dots[r][j] += w[r][i] * xs[j][i];
+}
+
+// Rows [r0, r1) of y; fill(r, c0, c1, codes_buf, dst) dequantizes row r's columns [c0, c1) into dst.
+template <int RT, typename Fill>
+void run_rows(const QuantArgs& a, int64_t r0, int64_t r1, Fill fill) {
+  std::vector<float> wbuf(RT * kCols);
+  std::vector<uint8_t> cbuf(kCols + kSlack);
+  std::vector<float> acc(RT * a.T);
+  for (int64_t rb = r0; rb < r1; rb += RT) {
+    const int64_t nr = std::min<int64_t>(RT, r1 - rb);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t c0 = 0; c0 < a.in; c0 += kCols) {
+      const int64_t n = std::min(kCols, a.in - c0);
+      const float* w[RT];
+      for (int r = 0; r < RT; ++r) {
+        if (r < nr) fill(rb + r, c0, c0 + n, cbuf.data(), wbuf.data() + r * kCols);
+        w[r] = wbuf.data() + (r < nr ? r : 0) * kCols;  // rows past the end repeat row 0; ignored
+      }
+      for (int64_t j0 = 0; j0 < a.T; j0 += 4) {
+        const int64_t nj = std::min<int64_t>(4, a.T - j0);
+        const float* xs[4];
+        for (int64_t j = 0; j < nj; ++j) xs[j] = a.x + (j0 + j) * a.in + c0;
+        float dots[RT][4];
+        switch (nj) {
+          case 4: dot_tile<RT, 4>(w, xs, n, dots); break;
+          case 3: dot_tile<RT, 3>(w, xs, n, dots); break;
+          case 2: dot_tile<RT, 2>(w, xs, n, dots); break;
+          default: dot_tile<RT, 1>(w, xs, n, dots); break;
+        }
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t j = 0; j < nj; ++j) acc[r * a.T + j0 + j] += dots[r][j];
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const float b = a.bias ? a.bias[rb + r] : 0.0f;
+      for (int64_t t = 0; t < a.T; ++t) a.y[t * a.out + rb + r] = acc[r * a.T + t] + b;
+    }
+  }
+}
+
+// One token or two keep 8 rows in flight (8 independent FMA chains); more tokens use V::rows x 4.
+template <typename Fill>
+void run(const QuantArgs& a, int64_t r0, int64_t r1, Fill fill) {
+  if (a.T <= 2) run_rows<8>(a, r0, r1, fill);
+  else run_rows<V::rows>(a, r0, r1, fill);
+}
+
+// Symbols of one sub1 block (rows x 2P, row-major) from its codes; false when the stream does not decode
+// to exactly that many symbols or names a code outside the dictionary. `sym` has kSlack bytes of slack.
+inline bool decode_block(const QuantArgs& a, int64_t b, int64_t n_symbols, uint8_t* sym) {
+  static const auto spread = [] {  // byte of 4 symbols -> 4 bytes of one symbol each
+    std::vector<uint32_t> t(256);
+    for (uint32_t v = 0; v < 256; ++v) t[v] = (v & 3) | ((v >> 2 & 3) << 8) | ((v >> 4 & 3) << 16) | ((v >> 6 & 3) << 24);
+    return t;
+  }();
+  const int64_t n_blocks = (a.out + a.block_rows - 1) / a.block_rows;
+  const int64_t start = a.block_offsets[b], end = b + 1 < n_blocks ? a.block_offsets[b + 1] : a.num_codes;
+  if (start < 0 || start > end || end > a.num_codes) return false;
+  int64_t pos = 0;
+  for (int64_t c = start; c < end; ++c) {
+    const uint16_t code = a.codes[c];
+    if (code >= a.dict_size) return false;
+    const uint64_t entry = static_cast<uint64_t>(a.dictionary[code]);
+    const int64_t count = 2 * static_cast<int64_t>((entry >> 56) & 15u);
+    if (pos + count > n_symbols) return false;
+    for (int k = 0; k < 7; ++k) {  // all 28 symbol slots; the ones past `count` are overwritten next
+      const uint32_t four = spread[(entry >> (8 * k)) & 255u];
+      std::memcpy(sym + pos + 4 * k, &four, 4);
+    }
+    pos += count;
+  }
+  return pos == n_symbols;
+}
+
+inline void rows(const QuantArgs& a, int64_t begin, int64_t end) {
+  if (a.kind == kQuantInt) {
+    const int64_t group = a.group;
+    run(a, begin, end, [&](int64_t r, int64_t c0, int64_t c1, uint8_t* cbuf, float* dst) {
+      const uint8_t* codes = unpack_codes(a.qweight + r * a.row_bytes, a.bits, c0, c1 - c0, cbuf);
+      for (int64_t s = c0; s < c1;) {
+        const int64_t g = s / group, e = std::min(c1, (g + 1) * group);
+        dequant(codes + (s - c0), e - s, zero_of(a, r, g), half_to_float(a.scales[r * a.n_groups + g]), dst + (s - c0));
+        s = e;
+      }
+    });
+  } else if (a.kind == kQuantTernary) {
+    run(a, begin, end, [&](int64_t r, int64_t c0, int64_t c1, uint8_t* cbuf, float* dst) {
+      const uint8_t* symbols = unpack_codes(a.qweight + r * a.row_bytes, 2, c0, c1 - c0, cbuf);
+      lookup(symbols, c1 - c0, a.lo_hi[2 * r], a.lo_hi[2 * r + 1], dst);
+    });
+  } else {
+    const int64_t R = a.block_rows, padded = a.in + a.in % 2;  // a row is 2P symbols
+    std::vector<uint8_t> sym(R * padded + kSlack);
+    for (int64_t b = begin / R; b * R < end; ++b) {
+      const int64_t first = b * R, last = std::min(a.out, first + R);
+      if (!decode_block(a, b, (last - first) * padded, sym.data())) {
+        a.error->store(1);
+        return;
+      }
+      run(a, std::max(begin, first), std::min(end, last), [&](int64_t r, int64_t c0, int64_t c1, uint8_t*, float* dst) {
+        lookup(sym.data() + (r - first) * padded + c0, c1 - c0, a.lo_hi[2 * r], a.lo_hi[2 * r + 1], dst);
+      });
+    }
+  }
+}
+
+}  // namespace MOECONV_QUANT_NS
+}  // namespace moeconv_cpu
