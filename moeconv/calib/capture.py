@@ -81,6 +81,7 @@ class LayerRunner:
                 self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
             except ValueError:  # no sdpa for this family (gemma2)
                 self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        self.model.eval()  # from_config builds in training mode: dropout (gpt2's resid/attn/embd_pdrop) would be live
         for name, _ in list(self.model.named_buffers()):  # rotary tables etc. are real, move them
             set_module_tensor_to_device(self.model, name, device)
         layer0 = ffn_path.split(".{i}")[0]
