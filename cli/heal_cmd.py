@@ -27,6 +27,9 @@ def heal_command(
     router_lr: Annotated[float | None, typer.Option(help="peak learning rate of the routers")] = None,
     freeze_router: Annotated[bool | None, typer.Option("--freeze-router/--train-router", help="keep routers fixed")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints (0: none)")] = None,
+    engine: Annotated[str | None, typer.Option(help="fast (batched experts, chunked KL) or reference (the old path)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the distinct training windows")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="measure held-out KL every N steps (needs --eval-tokens)")] = None,
     eval_tokens: Annotated[int, typer.Option(help="measure KL and perplexity before/after on this many held-out tokens")] = 0,
     eval_source: Annotated[str, typer.Option(help="held-out text for --eval-tokens")] = "shakespeare:heldout",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -39,11 +42,16 @@ def heal_command(
     """Train every parameter of STUDENT end to end to match TEACHER's logits (KL + LM loss), under the student's routing."""
     setup_logging(verbose, quiet)
     overrides = {"tokens": heal_tokens, "source": heal_source, "seqlen": seqlen, "batch": batch, "micro_batch": micro_batch,
-                 "lr": lr, "router_lr": router_lr, "freeze_router": freeze_router, "checkpoint_every": checkpoint_every}
+                 "lr": lr, "router_lr": router_lr, "freeze_router": freeze_router, "checkpoint_every": checkpoint_every,
+                 "engine": engine, "epochs": epochs, "eval_every": eval_every}
+    if eval_every:
+        overrides.update(eval_tokens=eval_tokens, eval_source=eval_source)
     config = heal_settings(recipe, overrides)
     with _steps_bar(not (quiet or json_out)) as progress:
         result = heal_checkpoint(student, out, teacher, config, eval_tokens=eval_tokens, eval_source=eval_source,
                                  device=device, force=force, resume=resume, progress=progress)
+    if not result.get("main_process", True):  # another process of `accelerate launch`: the main one reports
+        return
     metrics, evals = result, result["eval"]
     if json_out:
         emit_json({"out": str(out), **result})
@@ -78,6 +86,8 @@ class _steps_bar:
             if event.stage == "step":
                 g = m["grad_norm"]
                 info = f"loss {m['loss']:.3f} kl {m['kl']:.3f} |g| router {g['grad_norm_router']:.2g} rest {g['grad_norm_body']:.2g}"
+            elif event.stage == "eval":
+                info = f"held-out KL {m['kl']:.4f}"
             self.bar.update(self.task, total=event.steps or None, completed=event.step, info=info)
 
         return update
