@@ -173,7 +173,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                     i = unit - 1
                     ctx = LayerContext(index=i, layers=plan.layers, ffn=adapter.read_ffn(reader.get, i, reader.config),
                                        recipe=recipe, moe=layout.moe,
-                                       generator=torch.Generator().manual_seed(recipe.seed * 100003 + i))
+                                       generator=torch.Generator().manual_seed(recipe.seed * 100003 + i), device=device)
                     if runner is not None:
                         progress(ProgressEvent("capture", i, plan.layers))
                         ctx.calib = runner.run_layer(i)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeconv.calib.capture import tokenize_windows
+from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
 from moeconv.config import RefitConfig
 from moeconv.errors import MoeconvError, RecipeError
@@ -16,7 +16,7 @@ from moeconv.io.adapters import FamilyAdapter, adapter_for
 from moeconv.io.load import load_model, load_tokenizer
 from moeconv.io.writer import PartialOutput
 from moeconv.jobs import check_destination, job_fingerprint, run_job
-from moeconv.refit import HeldOut, NormalEquations, refit_with_holdout
+from moeconv.refit import HeldOut, normal_equations, refit_with_holdout
 
 log = logging.getLogger(__name__)
 
@@ -93,45 +93,62 @@ def _down_weight(down: nn.Module, adapter: FamilyAdapter) -> torch.Tensor:
     return down.weight.data.T if adapter.conv1d else down.weight.data
 
 
+class _LoadedModel:
+    """A loaded model's weights behind the reader interface LayerRunner walks (config, has, get)."""
+
+    def __init__(self, model: nn.Module):
+        self.config = model.config
+        self.tensors = model.state_dict()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
 @torch.no_grad()
 def _refit_kept(model: nn.Module, adapter: FamilyAdapter, keeps: list[torch.Tensor], windows: torch.Tensor,
                 config: RefitConfig, batch: int) -> list[tuple[torch.Tensor, dict[str, float]]]:
     """Least-squares refit of each layer's down projection on its kept neurons, to reproduce the full FFN
-    output on calibration windows (the last holdout_fraction of them judge the fit). One forward pass fills
-    every layer's normal equations at once: memory layers x (keep² + keep·d) float64 numbers (35 MB for SmolLM2 at
-    keep 768; over 10 GB for a 7B model), plus the held-out rows.  -> per layer (down [d, keep], metrics)"""
-    downs = [getattr(_ffn(model, adapter, i), adapter.down) for i in range(len(keeps))]
-    d = _down_weight(downs[0], adapter).shape[0]
-    stats = {"train": [NormalEquations(k.numel(), d) for k in keeps], "held": [HeldOut() for _ in keeps]}
-    part = ["train"]
-
-    def hook(i: int):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            h = args[0].detach().float().flatten(0, -2)  # [T, d_ff]
-            y = output.detach().float().flatten(0, -2)  # [T, d]
-            if getattr(module, "bias", None) is not None:
-                y = y - module.bias.float()
-            stats[part[0]][i].add(h[:, keeps[i].to(h.device)], y)
-        return record
-
+    output on calibration windows (the last holdout_fraction of them judge the fit). The windows walk the model
+    one decoder layer at a time (calib.capture.LayerRunner on the loaded weights): each layer's normal equations
+    are filled, solved and dropped before the next layer's exist, so memory is one layer's (keep² or rows x keep
+    numbers, moeconv.refit) plus the hidden states [windows, seqlen, d], not layers x keep².
+    -> per layer (down [d, keep], metrics)"""
     held = max(1, int(round(windows.shape[0] * config.holdout_fraction)))
     if held >= windows.shape[0]:
         raise RecipeError(f"refit needs at least 2 calibration windows, got {windows.shape[0]}; pass more calibration tokens")
+    first_held = windows.shape[0] - held
     device = next(model.parameters()).device
-    handles = [down.register_forward_hook(hook(i)) for i, down in enumerate(downs)]
-    try:
-        for name, rows in (("train", windows[:-held]), ("held", windows[-held:])):
-            part[0] = name
-            for b in range(0, rows.shape[0], batch):
-                model(input_ids=rows[b : b + batch].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [
-        refit_with_holdout(stats["train"][i], stats["held"][i], _down_weight(down, adapter)[:, keeps[i].to(device)].float().cpu(),
-                           config.damp)
-        for i, down in enumerate(downs)
-    ]
+    runner = LayerRunner(_LoadedModel(model), adapter, windows, batch_size=batch, device=device)
+    results = []
+    for i, keep in enumerate(keeps):
+        w0 = _down_weight(getattr(_ffn(model, adapter, i), adapter.down), adapter)[:, keep.to(device)].float()
+        train = normal_equations(keep.numel(), w0.shape[0], first_held * windows.shape[1], config, device)
+        stats, seen = (train, HeldOut(device)), [0]
+
+        def record(module: nn.Module, args: tuple, output: torch.Tensor, keep=keep, stats=stats, seen=seen) -> None:
+            h = args[0].detach().float()[..., keep.to(args[0].device)]  # [b, L, keep]
+            y = output.detach().float()  # [b, L, d]
+            if getattr(module, "bias", None) is not None:
+                y = y - module.bias.float()
+            is_held = torch.arange(seen[0], seen[0] + h.shape[0]) >= first_held  # windows in order: the last ones judge
+            seen[0] += h.shape[0]
+            for part, rows in zip(stats, (~is_held, is_held), strict=True):
+                if rows.any():
+                    part.add(h[rows].flatten(0, -2), y[rows].flatten(0, -2))
+
+        layer = runner.materialize(i)
+        handle = layer.get_submodule(f"{runner.ffn_suffix}.{adapter.down}").register_forward_hook(record)
+        try:
+            runner.forward(i, layer)
+        finally:
+            handle.remove()
+            runner.release(i)
+        results.append(refit_with_holdout(*stats, w0, config.damp))
+        del train, stats
+    return results
 
 
 def prune_ffn_to_active(

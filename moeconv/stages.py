@@ -37,6 +37,7 @@ class LayerContext:
     router: Tensor | None = None  # [E, d]
     dag_state: dict[str, Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the refit solves (the conversion device)
 
 
 def _select_shared(ctx: LayerContext, partitioner: Partitioner) -> None:
@@ -102,14 +103,14 @@ def run_layer_stages(ctx: LayerContext, partitioner: Partitioner, on_stage: Call
 def refit_layer(ctx: LayerContext) -> None:
     """Replace ctx.ffn's down projection by its least-squares refit under the layer's routing."""
     recipe, moe = ctx.recipe, ctx.moe
-    router = ctx.router.float()
+    router = ctx.router.float().to(ctx.device)
 
     def gates(x):
         ids, weights = route(x @ router.T, recipe.top_k, recipe.scoring, recipe.renormalize)
         return neuron_gates(ids, weights, moe["expert_size"], moe["num_experts"], moe.get("shared_size", 0))
 
     order = torch.cat([ctx.shared, ctx.routed])
-    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit)
+    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit, device=ctx.device)
     ctx.metrics.update(metrics)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -15,6 +17,10 @@ class RefitConfig(BaseModel):
                               description="ridge strengths towards the dense weights (fractions of the mean Gram "
                                           "diagonal); the one with the lowest held-out error is used")
     holdout_fraction: float = Field(0.1, gt=0, lt=1, description="calibration tokens kept out of the fit to judge it: the last ones, i.e. the last windows")
+    precision: Literal["auto", "float32", "float64"] = Field(
+        "auto", description="arithmetic of the solve: auto = float32 unless the ridge leaves the system too ill-conditioned "
+                            "for it (condition bound above 1.6e4), then float64 for that candidate; float64 = the old "
+                            "all-float64 path")
     chunk: int = Field(4096, ge=1, description="tokens per accumulation chunk (bounds memory)")
 
     @field_validator("damp", mode="before")
