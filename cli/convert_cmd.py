@@ -26,10 +26,21 @@ def _plan_table(plan: ConvertPlan) -> Table:
         ("calibration", f"{plan.calibration_tokens} tokens"),
         ("stages", " -> ".join(plan.stages)),
         ("heal", f"{plan.heal_tokens} tokens, end to end" if plan.heal_tokens else "none"),
-        ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB"),
+        ("expected peak memory", f"{plan.peak_bytes_estimate / 2**30:.2f} GiB: "
+                                 + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan.memory_parts.items())),
+        ("time per layer", _time_row(plan)),
         ("tensors", f"{len(plan.tensors)} (first: {', '.join(plan.tensors[:3])} ...)"),
     ]
     return key_value_table(f"plan: {plan.source}", rows)
+
+
+def _time_row(plan: ConvertPlan) -> str:
+    if not plan.layer_flops:
+        return "no calibration: dominated by reading and writing"
+    stages = ", ".join(f"{k} {v / plan.flop_rate:.0f} s" for k, v in plan.layer_flops.items())
+    return (f"~{plan.seconds_per_layer_estimate:.0f} s estimated ({stages}; ~{plan.seconds_per_layer_estimate * plan.layers / 3600:.1f} h "
+            f"for {plan.layers} layers) from {sum(plan.layer_flops.values()) / 1e12:.1f} TFLOP at a measured "
+            f"{plan.flop_rate / 1e9:.0f} GFLOP/s")
 
 
 @guarded

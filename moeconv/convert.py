@@ -15,6 +15,7 @@ from moeconv.calib.sources import load_text
 from moeconv.config import ConvertRecipe, parse_size
 from moeconv.dtypes import DTYPES, output_dtype
 from moeconv.errors import RecipeError
+from moeconv.estimate import layer_flops, layer_memory, measured_flop_rate, weight_sizes
 from moeconv.heal import HealEvent, heal, write_like_student
 from moeconv.heal.checkpoint import CHECKPOINT_DIR
 from moeconv.heal.train import RUN_SPECIFIC
@@ -26,7 +27,10 @@ from moeconv.io.writer import PartialOutput, plan_shards, shard_name
 from moeconv.jobs import (
     ProgressEvent,
     ProgressFn,
+    available_memory,
     check_destination,
+    check_disk,
+    check_memory,
     fingerprint,
     provenance,
     run_job,
@@ -61,6 +65,11 @@ class ConvertPlan:
     active_params: int
     peak_bytes_estimate: int
     tensors: list[str]
+    memory_parts: dict[str, int]  # peak_bytes_estimate by part (moeconv.estimate.layer_memory)
+    layer_flops: dict[str, float]  # matrix-product work per layer by stage
+    scratch_bytes: int = 0  # resume files beside the shards (one layer's hidden states)
+    flop_rate: float = 0.0  # measured by --dry-run on the conversion device
+    seconds_per_layer_estimate: float = 0.0  # layer_flops / flop_rate (dry run only)
 
     @property
     def output_bytes(self) -> int:
@@ -88,14 +97,13 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     layout = LayerLayout(reader, adapter, moe_settings(recipe, adapter, reader.config, expert_size, shared_size), DTYPES[dtype])
     unit_bytes = [layout.unit_bytes(u) for u in range(layout.num_units)]
     shards = plan_shards(unit_bytes, parse_size(recipe.max_shard_size))
-    layer_bytes = max(unit_bytes[1:], default=0) * 4 // DTYPES[dtype].itemsize
     calib = recipe.calibration.tokens if recipe.needs_calibration(get_partitioner(recipe.partition.method).needs_calibration) else 0
+    tokens = -(-calib // recipe.calibration.seqlen) * recipe.calibration.seqlen  # captured in whole windows
     d = layout.d_model
-    shard_bytes = max(sum(unit_bytes[u] for u in s) for s in shards)
     d_ff = adapter.d_ff(reader.config)
-    # normal equations, the Cholesky factor and the held-out rows (float64 N x N twice, N x d, T/10 x (N + d) float32)
-    refit_bytes = (2 * d_ff * d_ff + d_ff * d) * 8 + calib // 10 * (d_ff + d) * 4 if recipe.refits and calib else 0
-    peak = layer_bytes * 2 + calib * d * 4 * 3 + shard_bytes + unit_bytes[0] + refit_bytes
+    outside, layer = weight_sizes(reader, adapter.ffn_path.split(".{i}")[0])
+    parts = layer_memory(recipe, tokens, d, d_ff, outside, layer, max(unit_bytes[1:], default=0), unit_bytes[0])
+    flops = layer_flops(recipe, tokens, d, d_ff, layer, recipe.calibration.seqlen)
     stages = [f"partition ({recipe.partition.method})" if name == "partition" else name
               for name, _ in layer_stages(recipe, calibrated=calib > 0)]
     if recipe.heal is not None:
@@ -106,9 +114,22 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
         experts=recipe.experts, top_k=recipe.top_k, expert_size=expert_size, shared_size=shared_size, dtype=dtype,
         shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib,
         heal_tokens=recipe.heal.steps() * recipe.heal.batch * recipe.heal.seqlen if recipe.heal else 0, stages=stages, total_params=total, active_params=active,
-        peak_bytes_estimate=peak, tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
+        peak_bytes_estimate=sum(parts.values()), tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
+        memory_parts=parts, layer_flops=flops, scratch_bytes=tokens * d * 4,
     )
     return plan, layout
+
+
+def _memory_fix(src, reader, adapter, recipe: ConvertRecipe, plan: ConvertPlan) -> str:
+    """Which budget to lower: the calibration tokens that fit (halving), or that the weights alone do not fit."""
+    free = available_memory() or 0
+    tokens = plan.calibration_tokens
+    while tokens > recipe.calibration.seqlen:
+        tokens //= 2
+        trial = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"tokens": tokens})})
+        if make_plan(src, reader, adapter, trial)[0].peak_bytes_estimate <= free:
+            return f"lower --calib-tokens to {tokens} or fewer, or free memory"
+    return "even the smallest calibration does not fit: free memory or convert on a machine with more"
 
 
 def convert(
@@ -131,8 +152,15 @@ def convert(
     reader.validate()
     plan, layout = make_plan(src, reader, adapter, recipe)
     if dry_run:
+        if plan.layer_flops:
+            plan.flop_rate = measured_flop_rate(device)
+            plan.seconds_per_layer_estimate = sum(plan.layer_flops.values()) / plan.flop_rate
         return plan
     check_destination(src, out, force)
+    check_disk(out, plan.output_bytes + plan.scratch_bytes, resume)
+    check_memory(plan.peak_bytes_estimate, f"{plan.calibration_tokens} calibration tokens: "
+                 + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.memory_parts.items()),
+                 _memory_fix(src, reader, adapter, recipe, plan))
 
     windows, calib_fp = None, "none"
     if plan.calibration_tokens:

@@ -1,7 +1,16 @@
 """Writing jobs: the one runner (plan -> OUT.partial -> units -> atomic finalize) and the checkpoint files every job writes."""
 
 from moeconv.jobs.checkpoint import fingerprint, provenance, versions, write_checkpoint_files
-from moeconv.jobs.runner import ProgressEvent, ProgressFn, check_destination, job_fingerprint, run_job
+from moeconv.jobs.runner import (
+    ProgressEvent,
+    ProgressFn,
+    available_memory,
+    check_destination,
+    check_disk,
+    check_memory,
+    job_fingerprint,
+    run_job,
+)
 
-__all__ = ["ProgressEvent", "ProgressFn", "check_destination", "fingerprint", "job_fingerprint", "provenance", "run_job", "versions",
+__all__ = ["ProgressEvent", "ProgressFn", "available_memory", "check_destination", "check_disk", "check_memory", "fingerprint", "job_fingerprint", "provenance", "run_job", "versions",
            "write_checkpoint_files"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,45 @@ def check_destination(src: str | Path, out: Path, force: bool) -> Path:
     if target.exists() and not force:
         raise MoeconvError(f"{out} already exists; pass --force to replace it or choose another OUT")
     return target
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give this process without swapping (MemAvailable of /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_disk(out: Path, needed: int, resume: bool = False) -> None:
+    """Refuse before compute when the filesystem that will hold OUT.partial has less free space than `needed` bytes
+    (what is already in OUT.partial counts towards it on --resume)."""
+    target = out.expanduser().resolve()
+    folder = target.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    partial = target.with_name(target.name + ".partial")
+    written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if resume and partial.is_dir() else 0
+    free = shutil.disk_usage(folder).free
+    if free + written < needed:
+        raise MoeconvError(f"not enough disk space for {out}: the output needs {_gib(needed)} ({needed} bytes) but {folder} has "
+                           f"{_gib(free)} free{f' (+{_gib(written)} already written)' if written else ''}; free "
+                           f"{_gib(needed - free - written)} or choose an OUT on another disk")
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse before compute when the planned peak memory (`what` says of what) exceeds the memory available now."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise MoeconvError(f"not enough memory: the plan needs about {_gib(needed)} ({what}) but {_gib(free)} is available; {fix}")
 
 
 def run_job(out: Path, fingerprint: str, work: Callable[[PartialOutput], dict], *, force: bool, resume: bool,
