@@ -49,6 +49,37 @@ struct V {
   static inline reg from_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(bytes(p)); }
   static inline lut_t lut8(const float* table) { return _mm256_loadu_ps(table); }
   static inline reg lookup(lut_t table, const uint8_t* p) { return _mm256_permutevar8x32_ps(table, bytes(p)); }
+  static constexpr bool has_f16c = true;
+  static inline void half8(const uint16_t* p, float* dst) {
+    _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline reg cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // low 8 bytes
+  static constexpr bool permuted = false;
+  struct Group { reg s, z; };
+  template <int BITS>
+  static inline Group group(float s, float z) { return {set1(s), set1(z)}; }
+  template <int BITS>  // 8 bytes -> 8 / BITS registers of weights (code - zero) * scale, in order
+  static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
+    codes<BITS>(p, out);
+    for (int k = 0; k < 8 / BITS; ++k) out[k] = mul(sub(out[k], g.z), g.s);
+  }
+  template <int BITS>  // 8 bytes -> 8 / BITS registers of codes, in order
+  static inline void codes(const uint8_t* p, reg* out) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    if constexpr (BITS == 8) {
+      out[0] = cvt8(b);
+    } else if constexpr (BITS == 4) {
+      const __m128i m = _mm_set1_epi8(15);
+      const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+      out[0] = cvt8(v), out[1] = cvt8(_mm_srli_si128(v, 8));
+    } else {
+      const __m128i m = _mm_set1_epi8(3);
+      const __m128i v01 = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 2), m));
+      const __m128i v23 = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(_mm_srli_epi16(b, 6), m));
+      const __m128i lo = _mm_unpacklo_epi16(v01, v23), hi = _mm_unpackhi_epi16(v01, v23);
+      out[0] = cvt8(lo), out[1] = cvt8(_mm_srli_si128(lo, 8)), out[2] = cvt8(hi), out[3] = cvt8(_mm_srli_si128(hi, 8));
+    }
+  }
   static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack4_x86(src, nbytes, dst); }
   static inline void unpack2(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack2_x86(src, nbytes, dst); }
 };
@@ -64,7 +95,7 @@ struct V {
 
 namespace moeconv_cpu {
 const QuantTable* quant_table_avx2() {
-  static const QuantTable table{"avx2", &qavx2::rows};
+  static const QuantTable table{"avx2", &qavx2::rows, &qavx2::prepare_x};
   return &table;
 }
 }  // namespace moeconv_cpu

@@ -45,6 +45,32 @@ struct V {
   // 8 entries in lanes 0..7, zeros above: symbols index the low 4 bits, and only 0..3 occur.
   static inline lut_t lut8(const float* table) { return _mm512_zextps256_ps512(_mm256_loadu_ps(table)); }
   static inline reg lookup(lut_t table, const uint8_t* p) { return _mm512_permutexvar_ps(bytes(p), table); }
+  static constexpr bool has_f16c = true;
+  static inline void half8(const uint16_t* p, float* dst) {
+    _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // Fast path: 16 bytes widen to 16 dword lanes; VPERMPS indexes a 16-entry table by the low 4 bits of each
+  // lane, so int4 needs no masking (lane >> 4 gives the high nibble) and int2 a table repeating every 4 entries.
+  // Lane i of register k is then value per_byte * i + k of the chunk (permuted = true, x matches).
+  static constexpr bool permuted = true;
+  struct Group { reg s, z, table; };
+  template <int BITS>
+  static inline Group group(float s, float z) {
+    const reg sv = set1(s), zv = set1(z);
+    if constexpr (BITS == 8) return {sv, zv, sv};
+    const __m512i idx = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((1 << BITS) - 1));
+    return {sv, zv, mul(sub(_mm512_cvtepi32_ps(idx), zv), sv)};  // (code - zero) * scale, as the reference
+  }
+  template <int BITS>
+  static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if constexpr (BITS == 8) {
+      out[0] = mul(sub(_mm512_cvtepi32_ps(d), g.z), g.s);
+    } else {
+      for (int k = 0; k < 8 / BITS; ++k) out[k] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, k * BITS), g.table);
+    }
+  }
   static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack4_x86(src, nbytes, dst); }
   static inline void unpack2(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack2_x86(src, nbytes, dst); }
 };
@@ -60,7 +86,7 @@ struct V {
 
 namespace moeconv_cpu {
 const QuantTable* quant_table_avx512() {
-  static const QuantTable table{"avx512", &qavx512::rows};
+  static const QuantTable table{"avx512", &qavx512::rows, &qavx512::prepare_x};
   return &table;
 }
 }  // namespace moeconv_cpu

@@ -35,6 +35,7 @@ struct QuantArgs {
   int64_t num_codes = 0, dict_size = 0, block_rows = 1;
   // all
   const float* x = nullptr;           // [T, in] float32
+  const float* xp = nullptr;          // [T, in] x in the ISA's fast-path order (QuantTable::prepare_x)
   const float* bias = nullptr;        // [out] float32 or null
   float* y = nullptr;                 // [T, out] float32
   std::atomic<int>* error = nullptr;  // set to 1 when a sub1 stream does not decode to its block
@@ -44,6 +45,8 @@ struct QuantTable {
   const char* isa;
   // y columns for output rows [begin, end); for sub1, begin is a multiple of block_rows.
   void (*rows)(const QuantArgs&, int64_t begin, int64_t end);
+  // Writes xp [T, in] for `rows` (once per call, before the parallel rows).
+  void (*prepare_x)(const QuantArgs&, float* xp);
 };
 
 const QuantTable* quant_table_generic();

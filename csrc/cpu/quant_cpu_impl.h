@@ -1,7 +1,8 @@
 // Quantized linear kernels, written once against a small SIMD wrapper `V` and compiled per ISA: the
 // including translation unit defines MOECONV_QUANT_NS and V first (quant_generic/avx2/avx512.cpp).
 // V provides: reg, width, rows, zero, load, store, set1, sub, mul, fma, hsum, from_u8 (width bytes ->
-// floats), lut_t + lut8 (8 floats -> a table), lookup (width symbol bytes -> table values),
+// floats), lut_t + lut8 (8 floats -> a table), lookup (width symbol bytes -> table values), the fast path's
+// Group / group / dequant / permuted (below), has_f16c / half8,
 // unpack4 / unpack2 (packed bytes -> one code byte per value, in order).
 //
 // Decode is memory-bound: each output row's packed bytes are read once per call. For a block of RT
@@ -18,7 +19,12 @@ namespace moeconv_cpu {
 namespace MOECONV_QUANT_NS {
 
 constexpr int64_t kCols = 512;   // values per column block (a multiple of 8: whole int3 chunks)
-constexpr int64_t kSlack = 64;   // bytes written past a code buffer's end by vector unpacking / sub1 decode
+constexpr int64_t kSlack = 64;
+// Register tiles must be unrolled to stay in registers (an accumulator array indexed by a loop variable
+// would live in memory, one store-to-load round trip per FMA).
+#ifndef MOECONV_UNROLL
+#define MOECONV_UNROLL _Pragma("GCC unroll 16")
+#endif   // bytes written past a code buffer's end by vector unpacking / sub1 decode
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -97,10 +103,10 @@ inline void dot_tile(const float* const* w, const float* const* xs, int64_t n, f
   int64_t i = 0;
   for (; i + V::width <= n; i += V::width) {
     typename V::reg xv[NT];
-    for (int j = 0; j < NT; ++j) xv[j] = V::load(xs[j] + i);
-    for (int r = 0; r < RT; ++r) {
+    MOECONV_UNROLL for (int j = 0; j < NT; ++j) xv[j] = V::load(xs[j] + i);
+    MOECONV_UNROLL for (int r = 0; r < RT; ++r) {
       const typename V::reg wv = V::load(w[r] + i);
-      for (int j = 0; j < NT; ++j) acc[r][j] = V::fma(wv, xv[j], acc[r][j]);
+      MOECONV_UNROLL for (int j = 0; j < NT; ++j) acc[r][j] = V::fma(wv, xv[j], acc[r][j]);
     }
   }
   for (int r = 0; r < RT; ++r)
@@ -155,6 +161,127 @@ void run(const QuantArgs& a, int64_t r0, int64_t r1, Fill fill) {
   else run_rows<V::rows>(a, r0, r1, fill);
 }
 
+inline void halves(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  if constexpr (V::has_f16c)
+    for (; i + 8 <= n; i += 8) V::half8(src + i, dst + i);
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// Float scales and zero points of row r, all groups (vector conversions, once per row and call).
+inline void row_params(const QuantArgs& a, int64_t r, float* scale, float* zero, uint8_t* zbuf) {
+  halves(a.scales + r * a.n_groups, a.n_groups, scale);
+  if (a.zero_mode == kZeroHalf) {
+    halves(a.zeros + r * a.n_groups, a.n_groups, zero);
+  } else if (a.zero_mode == kZeroSymmetric) {
+    std::fill(zero, zero + a.n_groups, static_cast<float>(1 << (a.bits - 1)));
+  } else {
+    const uint8_t* z = unpack_codes(a.qzeros + r * a.zero_row_bytes, a.bits, 0, a.n_groups, zbuf);
+    for (int64_t g = 0; g < a.n_groups; ++g) zero[g] = static_cast<float>(z[g]);
+  }
+}
+
+// Decode-time fast path (T <= 4, 8/4/2 bits, groups made of whole chunks): RT rows are decoded straight into
+// registers, one chunk of V::width bytes at a time, by V::dequant<BITS> (with the group's V::Group: scale, zero
+// and, where V uses one, a table of (code - zero) * scale), and dotted with the NT tokens; nothing goes through
+// memory. With V::permuted, register k of a chunk holds values per_byte * lane + k (no byte shuffles), and xp
+// is x with each whole chunk of the row permuted to match (prepare_x); the row's last partial chunk is natural.
+template <int BITS>
+constexpr int64_t chunk_values() {
+  return V::permuted ? V::width * (8 / BITS) : (8 / BITS);
+}
+
+template <int BITS, int RT, int NT>
+void fused_block(const QuantArgs& a, int64_t rb, int64_t nr, const float* const* xs, const float* scale,
+                 const float* zero, float dots[RT][4]) {
+  constexpr int per_byte = 8 / BITS;
+  constexpr int64_t chunk = V::width * per_byte;
+  typename V::reg acc[RT][NT];
+  float tail[RT][NT];
+  const uint8_t* rows[RT];
+  for (int r = 0; r < RT; ++r) {
+    rows[r] = a.qweight + (rb + (r < nr ? r : 0)) * a.row_bytes;  // rows past the end repeat row 0; ignored
+    for (int j = 0; j < NT; ++j) acc[r][j] = V::zero(), tail[r][j] = 0.0f;
+  }
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    const int64_t s0 = g * a.group, e0 = s0 + a.group;
+    typename V::Group params[RT];
+    MOECONV_UNROLL for (int r = 0; r < RT; ++r) {
+      const int64_t p = (r < nr ? r : 0) * a.n_groups + g;
+      params[r] = V::template group<BITS>(scale[p], zero[p]);
+    }
+    int64_t i = s0;
+    for (; i + chunk <= e0; i += chunk) {
+      MOECONV_UNROLL for (int r = 0; r < RT; ++r) {
+        typename V::reg w[per_byte];
+        V::template dequant<BITS>(rows[r] + i / per_byte, params[r], w);
+        MOECONV_UNROLL for (int k = 0; k < per_byte; ++k) {
+          MOECONV_UNROLL for (int j = 0; j < NT; ++j) acc[r][j] = V::fma(w[k], V::load(xs[j] + i + k * V::width), acc[r][j]);
+        }
+      }
+    }
+    for (; i < e0; ++i)
+      for (int r = 0; r < RT; ++r) {
+        const int64_t p = (r < nr ? r : 0) * a.n_groups + g;
+        const float wv = (static_cast<float>(code_at(rows[r], BITS, i)) - zero[p]) * scale[p];
+        for (int j = 0; j < NT; ++j) tail[r][j] += wv * xs[j][i];
+      }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NT; ++j) dots[r][j] = V::hsum(acc[r][j]) + tail[r][j];
+}
+
+template <int BITS, int RT>
+void fused_rows(const QuantArgs& a, int64_t r0, int64_t r1) {
+  std::vector<float> scale(RT * a.n_groups), zero(RT * a.n_groups);
+  std::vector<uint8_t> zbuf(a.n_groups + kSlack);
+  const float* xs[4];
+  for (int64_t j = 0; j < a.T; ++j) xs[j] = a.xp + j * a.in;
+  for (int64_t rb = r0; rb < r1; rb += RT) {
+    const int64_t nr = std::min<int64_t>(RT, r1 - rb);
+    for (int64_t r = 0; r < nr; ++r) row_params(a, rb + r, scale.data() + r * a.n_groups, zero.data() + r * a.n_groups, zbuf.data());
+    float dots[RT][4];
+    switch (a.T) {
+      case 4: fused_block<BITS, RT, 4>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
+      case 3: fused_block<BITS, RT, 3>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
+      case 2: fused_block<BITS, RT, 2>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
+      default: fused_block<BITS, RT, 1>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
+    }
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t t = 0; t < a.T; ++t) a.y[t * a.out + rb + r] = dots[r][t] + (a.bias ? a.bias[rb + r] : 0.0f);
+  }
+}
+
+template <int BITS>
+void fused(const QuantArgs& a, int64_t r0, int64_t r1) {
+  if (a.T <= 2) fused_rows<BITS, 8>(a, r0, r1);
+  else fused_rows<BITS, V::rows>(a, r0, r1);
+}
+
+inline int64_t fused_chunk(int bits) {
+  return bits == 8 ? chunk_values<8>() : (bits == 4 ? chunk_values<4>() : chunk_values<2>());
+}
+
+inline bool fused_fits(const QuantArgs& a) {
+  return a.kind == kQuantInt && a.T <= 4 && a.bits != 3 && (a.group % fused_chunk(a.bits) == 0 || a.n_groups == 1);
+}
+
+// xp [T, in]: x with every whole chunk of the fast path's order permuted (see above); a copy of x otherwise.
+inline void prepare_x(const QuantArgs& a, float* xp) {
+  const bool permute = V::permuted && fused_fits(a);
+  const int64_t per_byte = permute ? 8 / a.bits : 1, chunk = permute ? fused_chunk(a.bits) : 1;
+  const int64_t whole = permute ? a.in - a.in % chunk : 0;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const float* x = a.x + t * a.in;
+    float* out = xp + t * a.in;
+    for (int64_t c = 0; c < whole; c += chunk)
+      for (int64_t k = 0; k < per_byte; ++k)
+        for (int64_t lane = 0; lane < V::width; ++lane) out[c + k * V::width + lane] = x[c + per_byte * lane + k];
+    std::memcpy(out + whole, x + whole, (a.in - whole) * sizeof(float));
+  }
+}
+
+
 // Symbols of one sub1 block (rows x 2P, row-major) from its codes; false when the stream does not decode
 // to exactly that many symbols or names a code outside the dictionary. `sym` has kSlack bytes of slack.
 inline bool decode_block(const QuantArgs& a, int64_t b, int64_t n_symbols, uint8_t* sym) {
@@ -183,7 +310,11 @@ inline bool decode_block(const QuantArgs& a, int64_t b, int64_t n_symbols, uint8
 }
 
 inline void rows(const QuantArgs& a, int64_t begin, int64_t end) {
-  if (a.kind == kQuantInt) {
+  if (fused_fits(a)) {
+    if (a.bits == 8) fused<8>(a, begin, end);
+    else if (a.bits == 4) fused<4>(a, begin, end);
+    else fused<2>(a, begin, end);
+  } else if (a.kind == kQuantInt) {
     const int64_t group = a.group;
     run(a, begin, end, [&](int64_t r, int64_t c0, int64_t c1, uint8_t* cbuf, float* dst) {
       const uint8_t* codes = unpack_codes(a.qweight + r * a.row_bytes, a.bits, c0, c1 - c0, cbuf);

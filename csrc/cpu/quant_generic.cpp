@@ -26,6 +26,16 @@ struct V {
   static inline reg from_u8(const uint8_t* p) { return static_cast<float>(*p); }
   static inline lut_t lut8(const float* table) { return table; }
   static inline reg lookup(lut_t table, const uint8_t* p) { return table[*p & 7]; }
+  static constexpr bool has_f16c = false;
+  static inline void half8(const uint16_t*, float*) {}
+  static constexpr bool permuted = false;
+  struct Group { float s, z; };
+  template <int BITS>
+  static inline Group group(float s, float z) { return {s, z}; }
+  template <int BITS>  // one byte -> its 8 / BITS weights, in order
+  static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
+    for (int k = 0; k < 8 / BITS; ++k) out[k] = (static_cast<float>((*p >> (k * BITS)) & ((1 << BITS) - 1)) - g.z) * g.s;
+  }
   static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) {
     for (int64_t i = 0; i < nbytes; ++i) {
       dst[2 * i] = src[i] & 15;
@@ -43,7 +53,7 @@ struct V {
 
 namespace moeconv_cpu {
 const QuantTable* quant_table_generic() {
-  static const QuantTable table{"generic", &qgeneric::rows};
+  static const QuantTable table{"generic", &qgeneric::rows, &qgeneric::prepare_x};
   return &table;
 }
 }  // namespace moeconv_cpu

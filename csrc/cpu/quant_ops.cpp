@@ -49,6 +49,9 @@ void launch(QuantArgs& a, int64_t unit, at::Tensor& out) {
   std::atomic<int> error{0};
   a.y = y.data_ptr<float>(), a.error = &error;
   const QuantTable* table = quant_table();
+  const at::Tensor xp = at::empty({a.T, a.in}, y.options());  // [T, in]
+  table->prepare_x(a, xp.data_ptr<float>());
+  a.xp = xp.data_ptr<float>();
   const int64_t tasks = (a.out + unit - 1) / unit;
   at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) { table->rows(a, b0 * unit, std::min(b1 * unit, a.out)); });
   TORCH_CHECK(error.load() == 0, "sub1_linear: the code stream does not decode to its blocks (corrupt codes, offsets or dictionary)");
