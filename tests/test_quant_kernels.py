@@ -29,8 +29,10 @@ NATIVE = pytest.mark.skipif(not CPU_ISAS, reason="moeconv CPU kernels are not bu
 U = 2.0**-24
 TS = (1, 3, 17, 64)
 # (out, in, group): 37 and 19 rows are not multiples of 2, 4 or 8 row tiles; 203 columns are odd; 1064 spans three
-# 512-column blocks whose edges cut groups of 56; 29 and 56 are not multiples of 8 or 16 lanes.
-INT_SHAPES = [(37, 203, 29), (37, 203, -1), (70, 1064, 56), (19, 96, 32)]
+# 512-column blocks whose edges cut groups of 56; 29 and 56 are not multiples of 8 or 16 lanes. Groups of 32 and 64
+# (and one group per row) take the registers-only fast path at T <= 4 (csrc/cpu/quant_cpu_impl.h: fused_fits), the
+# others the buffered path, which T > 4 takes for every shape.
+INT_SHAPES = [(37, 203, 29), (37, 203, -1), (70, 1064, 56), (19, 96, 32), (21, 320, 64)]
 TERNARY_SHAPES = [(37, 203), (70, 1064), (9, 16)]
 
 
