@@ -15,8 +15,8 @@ import torch
 CHUNK_ELEMENTS = 1 << 24
 
 
-def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, elements // vocab)
+def chunk_rows(vocab: int, elements: int | None = None) -> int:
+    return max(1, (elements or CHUNK_ELEMENTS) // vocab)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lowp: bool) -> torch.Tensor:

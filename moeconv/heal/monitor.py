@@ -43,10 +43,7 @@ def heldout_point(student: nn.Module, teacher: nn.Module, held: torch.Tensor, ac
 
 def heldout_plot(points: list[dict]) -> bytes:
     """Held-out KL against optimizer step as a PNG (no date or version inside: the same points give the same bytes)."""
-    import matplotlib  # deferred: matplotlib is only needed when a heal report is written
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib is only needed when a heal report is written
 
     fig = Figure(figsize=(5, 3.2), dpi=100)
     ax = fig.add_subplot()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from moeconv.calib.capture import tokenize_windows
@@ -134,6 +135,7 @@ def heal(
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     precision = mixed_precision(config, cpu)
     fast = config.engine == "fast"
+    AcceleratorState._reset_state()  # precision is per heal, not per process (the process group, if any, is kept)
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     if config.batch % accelerator.num_processes:
         raise RecipeError(f"heal batch {config.batch} is not divisible by the {accelerator.num_processes} processes; change batch")
