@@ -66,7 +66,7 @@ def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
 def measure(name: str, path: Path, settings: EvalSettings, cache: dict, extra: dict) -> dict:
     if name not in cache:
         result = evaluate_model(path, settings)
-        cache[name] = {"ppl": result.perplexity.ppl, "windows": result.perplexity.windows,
+        cache[name] = {"ppl": result.perplexity.ppl, "top1": result.perplexity.top1, "windows": result.perplexity.windows,
                        "predicted": result.perplexity.predicted, "active_params": result.params.active,
                        "total_params": result.params.total, **extra}
     return cache[name]
@@ -167,11 +167,13 @@ def main() -> None:
           f"{dense['windows']} windows, {dense['predicted']} predicted tokens; calibration: shakespeare train, "
           f"{args.calib_tokens} tokens; refit: {'off' if args.no_refit else 'on'}; heal: {args.heal_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | build s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | top-1 | top-1 kept | build s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, setting, r in rows:
+        top1, base = r.get("top1"), dense.get("top1")  # rows cached before top-1 was measured have none
+        kept = f"{100 * top1 / base:.1f}%" if top1 is not None and base else "-"
         print(f"| {method} | {setting} | {r['active_neurons']} | {r['active_params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
-              f"{r['ppl'] / dense['ppl']:.2f}x | {r['convert_s']:.0f} |")
+              f"{r['ppl'] / dense['ppl']:.2f}x | {'-' if top1 is None else f'{100 * top1:.2f}%'} | {kept} | {r['convert_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from rich.table import Table
 from moeconv.cli.common import console, emit_json, guarded, live_progress, setup_logging, stdout
 from moeconv.eval.compare import compare, is_results_file, load_results, results_document, save_document
 from moeconv.eval.perplexity import DEFAULT_DATA, EvalResult, EvalSettings, evaluate_model
-from moeconv.eval.report import human, ratio, short_name, write_report
+from moeconv.eval.report import human, percent, ratio, short_name, write_report
 
 
 @contextmanager
@@ -41,13 +41,16 @@ def _stage_progress(enabled: bool):
 def _results_table(results: list[EvalResult]) -> Table:
     base = results[0]
     table = Table(title=f"perplexity on {short_name(base.data)} (seqlen {base.seqlen}, stride {base.stride}, {base.dtype}, {base.device})")
-    for column in ("model", "ppl", "vs first", "params", "active", "embedding", "on disk", "tokens/s", "windows", "flags"):
+    for column in ("model", "ppl", "vs first", "top-1", "kept", "params", "active", "embedding", "on disk", "tokens/s", "windows",
+                   "flags"):
         table.add_column(column, justify="left" if column in ("model", "flags") else "right", overflow="fold")
     for r, row in zip(results, compare(results), strict=True):
         table.add_row(
             short_name(r.model),
             f"{r.perplexity.ppl:.4f}",
             ratio(row.ppl_ratio),
+            percent(row.top1),
+            percent(row.top1_retention),
             f"{human(r.params.total)} ({row.total_ratio:.2f}x)",
             f"{human(r.params.active)} ({row.active_ratio:.2f}x)",
             human(r.params.embedding),

@@ -26,6 +26,18 @@ def reference_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
     return math.exp(torch.stack(nlls).mean().item())
 
 
+def reference_top1(model, ids: torch.Tensor, seqlen: int) -> tuple[int, int]:
+    """Next-token hits of the model's own logits over non-overlapping windows: (hits, predicted tokens)."""
+    hits = count = 0
+    with torch.no_grad():
+        for i in range(ids.numel() // seqlen):
+            window = ids[i * seqlen : (i + 1) * seqlen][None]
+            guess = model(input_ids=window).logits[0, :-1].argmax(-1)  # [seqlen - 1]
+            hits += int((guess == window[0, 1:]).sum())
+            count += seqlen - 1
+    return hits, count
+
+
 def reference_strided_nll(model, ids: torch.Tensor, seqlen: int, stride: int) -> tuple[float, int]:
     """HF's strided loop (each window scores only the tokens after the previous window's end), full windows only."""
     total, count, prev_end = 0.0, 0, 0
@@ -91,6 +103,9 @@ def test_perplexity_matches_plain_loop(tokenizer, text_file, batch_size, loss_ch
     assert result.loss_path == "chunked" and result.windows == ids.numel() // 64 >= 5
     assert result.ppl == pytest.approx(reference_ppl(model, ids, 64), rel=1e-5)
     assert result.predicted == result.windows * 63 and result.tokens == result.windows * 64
+    hits, count = reference_top1(model, ids, 64)
+    assert (result.top1_hits, result.predicted) == (hits, count) and result.top1 == hits / count
+    assert 0 < hits < count  # a random model gets some right, not all: the check can tell a count from a constant
 
 
 @pytest.mark.parametrize("stride,batch_size", [(16, 1), (16, 4), (63, 2)])

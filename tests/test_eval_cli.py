@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from moeconv.cli.eval_cmd import eval_command
 from moeconv.eval import EvalSettings, evaluate_model
+from moeconv.eval.compare import compare, load_results
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,15 @@ def test_cli_json_report_compare_and_determinism(tmp_path, cli, dense_dir, moe_d
     assert second["moe"] and len(second["routing"]) == 2 and second["params"]["active"] < second["params"]["total"]
     row = doc["comparison"][1]
     assert row["comparable"] and row["ppl_ratio"] == pytest.approx(second["perplexity"]["ppl"] / first["perplexity"]["ppl"])
+    assert row["top1"] == second["perplexity"]["top1"] and 0 < row["top1"] < 1
+    assert row["top1_retention"] == pytest.approx(second["perplexity"]["top1"] / first["perplexity"]["top1"])
+    assert "top-1 kept" in (tmp_path / "rep" / "report.md").read_text()
+    old_doc = json.loads(json.dumps(doc))
+    for result in old_doc["results"]:  # a file saved before top-1 was measured still loads; its retention is n/c
+        del result["perplexity"]["top1"], result["perplexity"]["top1_hits"]
+    (tmp_path / "old.json").write_text(json.dumps(old_doc))
+    old = compare(load_results(tmp_path / "old.json"))
+    assert old[1].top1 is None and old[1].top1_retention is None and old[1].ppl_ratio == pytest.approx(row["ppl_ratio"])
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "perplexity.png").stat().st_size > 1000
     assert len(list((tmp_path / "rep").glob("expert_load_*.png"))) == 1
     assert "| layer |" in (tmp_path / "rep" / "report.md").read_text()

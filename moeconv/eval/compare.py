@@ -22,6 +22,8 @@ class ComparisonRow(BaseModel):
     model: str
     ppl: float
     ppl_ratio: float | None
+    top1: float | None  # next-token accuracy (None: a result saved before moeconv measured it)
+    top1_retention: float | None  # top1 / the baseline's: the share of next-token accuracy kept
     total_params: int
     total_ratio: float
     active_params: int
@@ -77,6 +79,8 @@ def compare(results: list[EvalResult]) -> list[ComparisonRow]:
                 model=r.model,
                 ppl=r.perplexity.ppl,
                 ppl_ratio=None if quality else r.perplexity.ppl / base.perplexity.ppl,
+                top1=r.perplexity.top1,
+                top1_retention=None if quality else _ratio(r.perplexity.top1, base.perplexity.top1),
                 total_params=r.params.total,
                 total_ratio=r.params.total / base.params.total,
                 active_params=r.params.active,

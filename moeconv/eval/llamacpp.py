@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moeconv.calib.tokenize import Windows
 from moeconv.errors import MoeconvError
+from moeconv.eval.scoring import score_tokens
 from moeconv.eval.stats import ParameterCounts
 
 ENGINES = ("auto", "transformers", "llama.cpp")
@@ -112,16 +112,12 @@ def window_logits(llm, ids: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
 
-def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: bool, pred: int, chunk: int = 1024) -> torch.Tensor:
-    """Summed NLL of one window as moeconv.eval.perplexity scores it: its last `pred` tokens (window 0: all after the
-    first).  logits [L, V], ids [L]"""
+def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: bool, pred: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and top-1 hits of one window as moeconv.eval.perplexity scores it: its last `pred` tokens (window 0:
+    all after the first).  logits [L, V], ids [L]"""
     seqlen = ids.shape[0]
     start = 0 if first else seqlen - 1 - pred
-    states, targets = logits[start : seqlen - 1], ids[start + 1 :]  # [N, V], [N]
-    total = torch.zeros((), dtype=torch.float64)
-    for i in range(0, states.shape[0], chunk):
-        total += F.cross_entropy(states[i : i + chunk].float(), targets[i : i + chunk], reduction="sum").double()
-    return total
+    return score_tokens(logits[start : seqlen - 1], ids[start + 1 :], None, chunk)  # [N, V], [N]
 
 
 def evaluate_gguf(model_path: str | Path, windows: Windows, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -131,11 +127,12 @@ def evaluate_gguf(model_path: str | Path, windows: Windows, progress: Callable[[
     path, threads = gguf_file(model_path), torch.get_num_threads()
     llm = open_llama(path, windows.seqlen, threads)
     pred = windows.predicted_after_first
-    nll = torch.zeros((), dtype=torch.float64)
+    nll, hits = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
     start = time.perf_counter()
     for w in range(windows.count):
         ids = windows.ids[w]  # [L]
-        nll += window_nll(window_logits(llm, ids.tolist()), ids, w == 0, pred)
+        window, window_hits = window_nll(window_logits(llm, ids.tolist()), ids, w == 0, pred)
+        nll, hits = nll + window, hits + window_hits
         if progress:
             progress(w + 1, windows.count)
     seconds = time.perf_counter() - start
@@ -147,6 +144,7 @@ def evaluate_gguf(model_path: str | Path, windows: Windows, progress: Callable[[
     mean = nll_sum / windows.predicted
     tokens = windows.count * windows.seqlen
     perplexity = dict(ppl=math.exp(mean), mean_nll=mean, nll_sum=nll_sum, predicted=windows.predicted, windows=windows.count,
-                      tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9), loss_path="llama.cpp")
+                      tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9), loss_path="llama.cpp",
+                      top1=int(hits) / windows.predicted, top1_hits=int(hits))
     return {"perplexity": perplexity, "params": gguf_parameters(path), "dtype": gguf_tensor_type(path),
             "device": f"{DEVICE}, {threads} thread{'s' if threads > 1 else ''}", "batch_size": 1}

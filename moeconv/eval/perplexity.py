@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -19,6 +18,7 @@ from moeconv.calib.tokenize import Windows, cut_windows, tokenize_source, tokens
 from moeconv.errors import MoeconvError
 from moeconv.eval.llamacpp import evaluate_gguf, use_llamacpp
 from moeconv.eval.overhead import DagOverhead, measure_dag_overhead
+from moeconv.eval.scoring import score_tokens
 from moeconv.eval.stats import LayerRouting, ParameterCounts, RoutingRecorder, bytes_on_disk, count_parameters
 from moeconv.io.load import load_model, load_tokenizer, resolve_device, resolve_dtype
 from moeconv.io.validate import all_finite
@@ -63,6 +63,8 @@ class PerplexityResult(BaseModel):
     seconds: float
     tokens_per_s: float  # tokens fed through the model per second of forward + loss
     loss_path: str  # "chunked" (decoder + lm_head in chunks) or "logits" (the model's own logits)
+    top1: float | None = None  # next-token accuracy: share of predicted tokens that are the argmax (None: older results)
+    top1_hits: int | None = None
 
 
 class EvalResult(BaseModel):
@@ -121,8 +123,8 @@ def _verified_split(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, n
 
 def _batch_nll(
     model: nn.Module, split: tuple[nn.Module, nn.Module] | None, x: torch.Tensor, first: bool, pred: int, chunk: int
-) -> torch.Tensor:
-    """Summed NLL of the predicted tokens of windows x [B, L]; window 0 of the stream is in x[0] if `first`."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and top-1 hits of the predicted tokens of windows x [B, L]; window 0 of the stream is in x[0] if `first`."""
     seqlen = x.shape[1]
     if split is not None:
         decoder, head = split
@@ -133,13 +135,12 @@ def _batch_nll(
     rows = [(out[:, seqlen - 1 - pred : seqlen - 1], x[:, seqlen - pred :])]  # [B, pred, *], [B, pred]
     if first and pred < seqlen - 1:  # ...and, in window 0, every token after its first
         rows.append((out[:1, : seqlen - 1 - pred], x[:1, 1 : seqlen - pred]))
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    nll = torch.zeros((), dtype=torch.float64, device=x.device)
+    hits = torch.zeros((), dtype=torch.int64, device=x.device)
     for states, targets in rows:
-        states, targets = states.flatten(0, 1), targets.flatten()  # [N, *], [N]
-        for i in range(0, states.shape[0], chunk):
-            logits = states[i : i + chunk] if head is None else head(states[i : i + chunk])  # [c, V]
-            total += F.cross_entropy(logits.float(), targets[i : i + chunk], reduction="sum").double()
-    return total
+        row_nll, row_hits = score_tokens(states.flatten(0, 1), targets.flatten(), head, chunk)  # [N, *], [N]
+        nll, hits = nll + row_nll, hits + row_hits
+    return nll, hits
 
 
 def first_non_finite_module(model: nn.Module, x: torch.Tensor) -> str:
@@ -187,15 +188,18 @@ def evaluate_perplexity(
     split = _verified_split(model, ids[:1, : min(windows.seqlen, 32)].to(device))
     pred = windows.predicted_after_first
     nll = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
     with recorder if recorder is not None else contextlib.nullcontext():
         start = time.perf_counter()
         for b in range(0, windows.count, batch_size):
             x = ids[b : b + batch_size].to(device, non_blocking=True)  # [B, L]
             if b == 0 and pred < windows.seqlen - 1 and x.shape[0] > 1:  # window 0 predicts more: run it alone
-                nll += _batch_nll(model, split, x[:1], True, pred, loss_chunk)
-                nll += _batch_nll(model, split, x[1:], False, pred, loss_chunk)
+                parts = [_batch_nll(model, split, x[:1], True, pred, loss_chunk),
+                         _batch_nll(model, split, x[1:], False, pred, loss_chunk)]
             else:
-                nll += _batch_nll(model, split, x, b == 0, pred, loss_chunk)
+                parts = [_batch_nll(model, split, x, b == 0, pred, loss_chunk)]
+            for part_nll, part_hits in parts:
+                nll, hits = nll + part_nll, hits + part_hits
             if progress:
                 progress(min(b + batch_size, windows.count), windows.count)
         nll_sum = float(nll)  # synchronises the device
@@ -215,6 +219,8 @@ def evaluate_perplexity(
         seconds=seconds,
         tokens_per_s=windows.count * windows.seqlen / max(seconds, 1e-9),
         loss_path="chunked" if split is not None else "logits",
+        top1=int(hits) / windows.predicted,
+        top1_hits=int(hits),
     )
 
 

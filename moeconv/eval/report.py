@@ -30,6 +30,11 @@ def ratio(value: float | None) -> str:
     return "n/c" if value is None else f"{value:.3f}x"
 
 
+def percent(value: float | None) -> str:
+    """0.4213 -> '42.13%'; None (not measured, or not comparable) -> 'n/c'."""
+    return "n/c" if value is None else f"{100 * value:.2f}%"
+
+
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)  # Agg canvas: no display needed, no global pyplot state
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -81,11 +86,13 @@ def _settings_table(results: list[EvalResult]) -> list[str]:
 
 
 def _results_table(results: list[EvalResult], rows: list[ComparisonRow]) -> list[str]:
-    lines = ["| model | perplexity | vs first | total params | active params | embedding | on disk | tokens/s | flags |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | perplexity | vs first | top-1 accuracy | top-1 kept | total params | active params | embedding | on disk "
+             "| tokens/s | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, row in zip(results, rows, strict=True):
         lines.append(
-            f"| {short_name(r.model)} | {r.perplexity.ppl:.4f} | {ratio(row.ppl_ratio)} | {human(r.params.total)} ({ratio(row.total_ratio)}) "
+            f"| {short_name(r.model)} | {r.perplexity.ppl:.4f} | {ratio(row.ppl_ratio)} | {percent(row.top1)} "
+            f"| {percent(row.top1_retention)} | {human(r.params.total)} ({ratio(row.total_ratio)}) "
             f"| {human(r.params.active)} ({ratio(row.active_ratio)}) | {human(r.params.embedding)} | {human(r.bytes_on_disk, 'B')} "
             f"| {r.perplexity.tokens_per_s:.1f} ({ratio(row.speed_ratio)}) | {'; '.join(row.flags) or 'comparable'} |"
         )
@@ -113,7 +120,9 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         "Perplexity by the GPTQ/WikiText protocol: documents joined with a blank line, tokenized once, cut into windows of "
         "`seqlen` tokens (non-overlapping unless a stride is given; the remainder is dropped), "
         "ppl = exp(mean NLL over predicted tokens). Not comparable with lm-evaluation-harness's `wikitext` word perplexity.",
-        "Ratios are to the first model; `n/c` marks a ratio refused because the measurements differ (see flags).",
+        "Ratios are to the first model; `n/c` marks a ratio refused because the measurements differ (see flags). "
+        "Top-1 accuracy: the share of predicted tokens that are the model's most likely next token; top-1 kept: that "
+        "accuracy over the first model's (the share of performance kept).",
         "",
         "## Settings",
         "",
