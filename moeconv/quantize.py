@@ -26,7 +26,7 @@ from moeconv.io.load import load_tokenizer
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, plan_shards, shard_name
 from moeconv.jobs import ProgressEvent, ProgressFn, check_destination, fingerprint, provenance, run_job, write_checkpoint_files
-from moeconv.modeling.hf.quant_linear import SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
+from moeconv.modeling.hf.quant_linear import LAYOUT_VERSION, SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor
 from moeconv.quant.packing import format_dict, pack, stored_bits_of_format, unpack
@@ -353,6 +353,7 @@ def _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progre
                     "float_zeros": spec.float_zeros},
         "modules": {n: t["format"] for m in metrics.values() for n, t in m["tensors"].items()},
         "sub1_dictionary": SUB1_PAIR_COUNTS_KEY if recipe.bits == "sub1" else None,  # the table's 9 pair counts
+        "layout": LAYOUT_VERSION,  # a newer one refuses to load in older code (quant_linear.replace_with_quant_linear)
     }
     if plan.kind == "moe":
         config = json.loads((Path(reader.path) / "config.json").read_text())

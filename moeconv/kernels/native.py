@@ -85,6 +85,13 @@ def _jit_load(kind: str, sources: list[str], cuda: bool) -> None:
         )
 
 
+def _one_line(exc: Exception) -> str:
+    """A build error in one line: its first line and, from a compiler's output, the first line saying `error:`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    cause = next((line for line in lines[1:] if "error:" in line.lower()), None)
+    return f"{lines[0]}: {cause}" if cause else lines[0]
+
+
 def _stale_prebuilt(module: str) -> str | None:
     """Why the prebuilt library must not be used (missing, or built from other sources), else None.
 
@@ -127,7 +134,7 @@ def _load(kind: str, module: str, namespace: str, can_jit: bool, sources: list[s
     try:
         _jit_load(kind, sources, cuda)
     except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, say why once
-        logger.warning("moeconv %s kernels failed to JIT-build (%s); using the PyTorch reference", kind, exc)
+        logger.warning("moeconv %s kernels failed to JIT-build (%s); using the PyTorch reference", kind, _one_line(exc))
         return NativeBuild(False, f"JIT build failed: {type(exc).__name__}")
     return NativeBuild(True, "jit")
 

@@ -20,6 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # the native kernels, present only where moeconv itself is installed (moeconv/kernels/quant_api.py)
+    from moeconv.kernels.quant_api import quantized_linear as _native_linear
+except Exception:  # noqa: BLE001 - any failure means: use the pure-PyTorch path below
+    _native_linear = None
+
+LAYOUT_VERSION = 1  # config.moe.quant["layout"]: the stored layout below (docs/quant-formats.md); absent = 1
 INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 FORMATS = (*INT_BITS, "ternary", "sub1")
 SUB1_MAX_PAIRS = 14  # pairs per dictionary entry: 28 symbols x 2 bits + a 4-bit length fit one int64
@@ -259,7 +265,19 @@ class QuantLinear(nn.Module):
         buffers = dict(self.named_buffers(recurse=False))
         return dequantize_buffers(buffers, self.fmt).to(dtype)  # [out, in]
 
+    def lo_hi_float(self) -> Tensor:
+        """fp32 lo_hi [out, 2] (ternary/sub1), decoded again only when its buffers change (the kernels read it per call)."""
+        sources = [self._buffers[n] for n in ("lo_hi_codes", "lo_hi_range", "lo_hi") if n in self._buffers]
+        key = tuple((id(t), t._version, t.device) for t in sources)
+        cached = self.__dict__.get("_lo_hi_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_lo_hi_cache"] = (key, lo_hi_of(self._buffers, self.fmt))
+        return cached[1]
+
     def forward(self, x: Tensor) -> Tensor:
+        y = None if _native_linear is None else _native_linear(self, x)  # the same function, without a float W
+        if y is not None:
+            return y
         weight = self.dequantize_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
@@ -343,6 +361,9 @@ def replace_with_quant_linear(model: nn.Module, quant: Mapping) -> nn.Module:
     sub1 modules with a shared dictionary read it from one SharedDictionary added to the model as `quant`
     (state-dict key `quant.sub1_pair_counts` when quant["sub1_dictionary"] names it, else the older `quant.sub1_dictionary`).
     """
+    layout = int(quant.get("layout", 1))
+    if layout > LAYOUT_VERSION:
+        raise ValueError(f"quantized layout version {layout} is newer than this code's {LAYOUT_VERSION}; upgrade moeconv")
     modules = quant_modules(quant)
     shared = [fmt for fmt in modules.values() if fmt["format"] == "sub1" and fmt.get("shared_dictionary")]
     holder = None
