@@ -6,7 +6,8 @@
 
 The layer is a SiLU-gated random FFN whose inputs have a decaying spectrum (per-dimension scale j^-1/2),
 routed top-k of E by a random router: its gated activations give a Gram matrix with the spread of
-eigenvalues of a real one. Prints seconds for the whole refit (activations, accumulation, the ridge
+eigenvalues of a real one. Prints seconds (wall, and CPU seconds of the process: on a shared machine the
+wall time depends on the other load) for the whole refit (activations, accumulation, the ridge
 solves over every damp), the solve alone, peak memory, and with --reference the float64 per-damp
 reference (the implementation before the dual/float32 solve): damp picked, relative difference of the
 fitted weights (to the reference's weights and to its correction W - W0) and of the held-out error.
@@ -68,8 +69,11 @@ def reference(ffn, order, gates, x, config: RefitConfig) -> tuple[torch.Tensor, 
     before = best_error
     for damp in config.damp:
         lam = damp * float(gram.diagonal().mean())
-        factor = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
+        gram.diagonal().add_(lam)  # in place, as the old code did: no N x N copy besides the factor
+        factor = torch.linalg.cholesky(gram)
+        gram.diagonal().sub_(lam)
         w = torch.cholesky_solve(cross + lam * w0.T, factor).T
+        del factor
         e = error(w)
         if e < best_error * (1 - 1e-6):
             best, best_error, best_damp = w, e, damp
@@ -119,16 +123,18 @@ def main() -> None:
         return out
 
     refit.refit_with_holdout = timed
+    cpu = time.process_time()
     start = time.perf_counter()
     fitted, metrics = refit.refit_down(ffn, order, gates, x, config, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu
     row = {"d": args.d, "d_ff": args.d_ff, "tokens": args.tokens, "precision": args.precision, "device": str(device),
-           "threads": torch.get_num_threads(), "refit_s": total, "solve_s": solve_seconds[0],
+           "threads": torch.get_num_threads(), "refit_s": total, "refit_cpu_s": cpu, "solve_s": solve_seconds[0],
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **metrics}
     if device.type == "cuda":
         row["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(row, indent=1), flush=True)
     if args.reference:
         start = time.perf_counter()
         ref, ref_metrics = reference(ffn, order, gates, x, config)
@@ -140,7 +146,7 @@ def main() -> None:
                     "correction_rel_diff": float((new - ref).norm() / (ref - w0).norm().clamp_min(1e-30)),
                     "held_error_rel_diff": abs(metrics["refit_error_after"] - ref_metrics["refit_error_after"])
                     / ref_metrics["refit_error_after"]})
-    print(json.dumps(row, indent=1))
+        print(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":

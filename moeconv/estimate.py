@@ -1,6 +1,6 @@
 """What one layer of `convert` costs before it runs: peak memory by part, and floating-point work by stage.
 
-Memory (bytes, CPU): the non-layer weights LayerRunner holds in float32 (embeddings, final norm, LM head), the
+Memory (bytes, CPU): the non-layer weights of the base model LayerRunner holds in float32 (embeddings, final norm), the
 calibration hidden states and captured FFN inputs, one decoder layer in float32 plus the FFN copies the stages
 make (the dense FFN read again, the MoE block's experts), the largest token x neuron activations a stage holds,
 the refit's accumulator and factors (moeconv.refit: rows [T, N + d] and T x T matrices when T < N, else N x N
@@ -25,11 +25,13 @@ ACTIVATION_ARRAYS = 4
 
 
 def weight_sizes(reader, layer_prefix: str) -> tuple[int, int]:
-    """(parameters outside the decoder layers, parameters of decoder layer 0) from the reader's shapes."""
+    """(parameters of the base model outside the decoder layers, parameters of decoder layer 0) from the reader's
+    shapes. The LM head is not counted: capture runs the base model only."""
     outside = layer0 = 0
+    base = layer_prefix.split(".")[0] + "."
     for name in reader.keys():
         numel = math.prod(reader.shape(name))
-        if not name.startswith(layer_prefix + "."):
+        if name.startswith(base) and not name.startswith(layer_prefix + "."):
             outside += numel
         elif name.startswith(f"{layer_prefix}.0."):
             layer0 += numel
@@ -44,7 +46,7 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, outside:
     if not tokens:
         parts["embeddings/head (output dtype)"] = output_global_bytes
         return parts
-    parts["embeddings/head (float32)"] = outside * 4
+    parts["embeddings (float32)"] = outside * 4
     parts["calibration states"] = 3 * tokens * d * 4  # hidden states in, captured FFN inputs (list + concatenated)
     stages = {"partition/router activations": ACTIVATION_ARRAYS * tokens * d_ff * 4}  # [T, d_ff] arrays, all tokens at once
     if recipe.refits:

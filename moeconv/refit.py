@@ -28,6 +28,7 @@ Everything runs on the device the activations are on (CUDA when converting on a 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -37,6 +38,7 @@ from moeconv.config import RefitConfig
 from moeconv.errors import RecipeError
 from moeconv.ffn import DenseFFN
 
+log = logging.getLogger(__name__)
 # A float32 Cholesky solve loses ~κ·2⁻²⁴ relative accuracy: at κ ≤ 1.6e4 that is ≤ 1e-3 of the fitted correction.
 KAPPA_FLOAT32 = 1.6e4
 
@@ -127,6 +129,8 @@ class _Ridge:
             if not hasattr(self, "_top"):
                 self._top = _largest_eigenvalue(self.matrix)
             wide = (self._top + lam) / lam > KAPPA_FLOAT32
+            if wide:
+                log.debug("refit candidate λ=%.3g: condition bound %.3g > %.3g, factored in float64", lam, (self._top + lam) / lam, KAPPA_FLOAT32)
         m = self.wide_matrix() if wide else self.matrix
         diagonal = m.diagonal().clone()
         try:  # shifted in place and put back: no N x N copy besides the factor

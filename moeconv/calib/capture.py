@@ -88,7 +88,9 @@ class LayerRunner:
         self.layers = self.model.get_submodule(layer0)
         self.layer_prefix = layer0
         self.ffn_suffix = ffn_path.split("{i}.")[1]
-        for name, _ in self.model.named_parameters():
+        base = self.model.base_model  # capture runs the base model only: the LM head (2 GiB float32 at 8B) is never read
+        prefix = f"{self.model.base_model_prefix}." if base is not self.model else ""
+        for name, _ in base.named_parameters(prefix=prefix.rstrip(".")):
             if not name.startswith(layer0 + ".") and reader.has(name):
                 set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
         self.batches = list(windows.split(batch_size))
