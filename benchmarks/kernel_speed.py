@@ -6,6 +6,7 @@
     python benchmarks/kernel_speed.py --threads 1     # on a crowded machine: 2-thread OpenMP GEMMs stall
     MOECONV_CPU_ISA=avx512 python benchmarks/kernel_speed.py   # force a lower CPU kernel path to compare
     python benchmarks/kernel_speed.py --device cuda --dtype bfloat16 --tokens 1,512,4096   # the GPU check's rows
+    python benchmarks/kernel_speed.py --quant [options]  # quantized linear kernels vs fp32/bf16 GEMV: quant_kernel_speed.py
 
 Every row is measured in one run: best wall time of repeated calls after a warm-up.
 ratios are baseline_time / moe_ffn_time (above 1: moe_ffn is faster).  The MoE weights are the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -186,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    if "--quant" in sys.argv[1:]:  # the quantized kernels' rows, with their own options
+        from quant_kernel_speed import main as quant_main  # the sibling script (benchmarks/ is sys.path[0] when run)
+
+        quant_main([a for a in sys.argv[1:] if a != "--quant"])
+        return
     args = build_parser().parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
