@@ -8,20 +8,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from moeconv.dtypes import DTYPES
 from moeconv.errors import CheckpointError, MoeconvError
+from moeconv.io import registration  # noqa: F401 - AutoConfig/AutoModelForCausalLM know 'moeconv'
+from moeconv.io.gguf_model import load_gguf_model
 from moeconv.io.validate import raise_if_inconsistent
-from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
-from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
 
 log = logging.getLogger(__name__)
-
-
-# moeconv checkpoints load through the installed classes, so no remote code is ever run for them.
-AutoConfig.register("moeconv", MoeconvConfig, exist_ok=True)
-AutoModelForCausalLM.register(MoeconvConfig, MoeconvForCausalLM, exist_ok=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,6 +97,9 @@ def load_model(
 ) -> torch.nn.Module:
     """A causal LM in eval mode on `device`.  Remote code runs only if the user asked for it."""
     folder, extra = model_source(path)
+    if "gguf_file" in extra:
+        model = load_gguf_model(Path(folder) / extra["gguf_file"], resolve_dtype(dtype), attn_implementation or "sdpa")
+        return model.to(resolve_device(device))
     kwargs = dict(dtype=resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code,
                   output_loading_info=True, ignore_mismatched_sizes=True, **extra)  # mismatches are reported below, as one line
     if attn_implementation:
@@ -122,9 +120,4 @@ def load_model(
     mismatched = [(m[0], tuple(m[1]), tuple(m[2])) for m in info["mismatched_keys"]]
     present = [n for n in model.state_dict() if n not in missing] + unexpected
     raise_if_inconsistent(str(path), model.config, present, missing, unexpected, mismatched)
-    if "gguf_file" in extra:
-        # transformers dequantizes GGUF weights on load but keeps its quantizer, which then refuses
-        # save_pretrained; the loaded model is a plain float model, so it may be saved as one.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
     return model.to(resolve_device(device)).eval()

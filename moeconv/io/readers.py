@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from moeconv.errors import CheckpointError, MoeconvError
-from moeconv.io import load as _registers_moeconv_classes  # noqa: F401 - AutoConfig knows 'moeconv'
+from moeconv.io import registration  # noqa: F401 - AutoConfig knows 'moeconv'
 from moeconv.io.files import sha256_file
 from moeconv.io.validate import all_finite, check_tensors
 
