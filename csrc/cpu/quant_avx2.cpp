@@ -55,29 +55,38 @@ struct V {
   }
   static inline reg cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // low 8 bytes
   static constexpr bool permuted = false;
-  struct Group { reg s, z; };
+  static constexpr bool has_spread = false;
+  static inline void spread(uint64_t, uint8_t*) {}
+  struct Group { reg s, z, lut; };
   template <int BITS>
-  static inline Group group(float s, float z) { return {set1(s), set1(z)}; }
-  template <int BITS>  // 8 bytes -> 8 / BITS registers of weights (code - zero) * scale, in order
-  static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
-    codes<BITS>(p, out);
-    for (int k = 0; k < 8 / BITS; ++k) out[k] = mul(sub(out[k], g.z), g.s);
+  static inline Group group(float s, float z) { return {set1(s), set1(z), zero()}; }
+  static inline Group ternary(float lo, float hi) {
+    const reg t = _mm256_setr_ps(0.0f, lo, hi, 0.0f, 0.0f, lo, hi, 0.0f);
+    return {t, t, t};
   }
-  template <int BITS>  // 8 bytes -> 8 / BITS registers of codes, in order
-  static inline void codes(const uint8_t* p, reg* out) {
+  template <int BITS, bool TERN>  // 8 bytes -> 8 / BITS registers of weights, in order
+  static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
+    __m256i c[8 / BITS];
+    codes<BITS>(p, c);
+    for (int k = 0; k < 8 / BITS; ++k)
+      out[k] = TERN ? _mm256_permutevar8x32_ps(g.lut, c[k]) : mul(sub(_mm256_cvtepi32_ps(c[k]), g.z), g.s);
+  }
+  static inline __m256i wide(__m128i b) { return _mm256_cvtepu8_epi32(b); }  // low 8 bytes -> 8 dwords
+  template <int BITS>  // 8 bytes -> 8 / BITS registers of codes (dwords), in order
+  static inline void codes(const uint8_t* p, __m256i* out) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     if constexpr (BITS == 8) {
-      out[0] = cvt8(b);
+      out[0] = wide(b);
     } else if constexpr (BITS == 4) {
       const __m128i m = _mm_set1_epi8(15);
       const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-      out[0] = cvt8(v), out[1] = cvt8(_mm_srli_si128(v, 8));
+      out[0] = wide(v), out[1] = wide(_mm_srli_si128(v, 8));
     } else {
       const __m128i m = _mm_set1_epi8(3);
       const __m128i v01 = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 2), m));
       const __m128i v23 = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(_mm_srli_epi16(b, 6), m));
       const __m128i lo = _mm_unpacklo_epi16(v01, v23), hi = _mm_unpackhi_epi16(v01, v23);
-      out[0] = cvt8(lo), out[1] = cvt8(_mm_srli_si128(lo, 8)), out[2] = cvt8(hi), out[3] = cvt8(_mm_srli_si128(hi, 8));
+      out[0] = wide(lo), out[1] = wide(_mm_srli_si128(lo, 8)), out[2] = wide(hi), out[3] = wide(_mm_srli_si128(hi, 8));
     }
   }
   static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) { unpack4_x86(src, nbytes, dst); }

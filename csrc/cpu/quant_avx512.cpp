@@ -13,11 +13,11 @@
 
 // As in moe_avx512.cpp: the target covers only this file's own code, not the system headers above.
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
 #endif
 
 #define MOECONV_QUANT_NS qavx512
@@ -53,6 +53,15 @@ struct V {
   // lane, so int4 needs no masking (lane >> 4 gives the high nibble) and int2 a table repeating every 4 entries.
   // Lane i of register k is then value per_byte * i + k of the chunk (permuted = true, x matches).
   static constexpr bool permuted = true;
+  // sub1: the 28 2-bit symbols of a dictionary entry -> 32 bytes by 4 PDEPs (fast on every AVX-512 CPU; the table
+  // picks this path only with BMI2).
+  static constexpr bool has_spread = true;
+  static inline void spread(uint64_t entry, uint8_t* dst) {
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t v = _pdep_u64((entry >> (16 * k)) & 0xffffu, 0x0303030303030303ull);
+      std::memcpy(dst + 8 * k, &v, 8);
+    }
+  }
   struct Group { reg s, z, table; };
   template <int BITS>
   static inline Group group(float s, float z) {
@@ -62,10 +71,14 @@ struct V {
                                          _mm512_set1_epi32((1 << BITS) - 1));
     return {sv, zv, mul(sub(_mm512_cvtepi32_ps(idx), zv), sv)};  // (code - zero) * scale, as the reference
   }
-  template <int BITS>
+  static inline Group ternary(float lo, float hi) {  // {0, lo, hi, 0} repeated: symbols index the low 2 bits
+    const reg t = _mm512_setr_ps(0.0f, lo, hi, 0.0f, 0.0f, lo, hi, 0.0f, 0.0f, lo, hi, 0.0f, 0.0f, lo, hi, 0.0f);
+    return {t, t, t};
+  }
+  template <int BITS, bool TERN>
   static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    if constexpr (BITS == 8) {
+    if constexpr (BITS == 8 && !TERN) {
       out[0] = mul(sub(_mm512_cvtepi32_ps(d), g.z), g.s);
     } else {
       for (int k = 0; k < 8 / BITS; ++k) out[k] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, k * BITS), g.table);

@@ -64,7 +64,11 @@ inline const uint8_t* unpack_codes(const uint8_t* row, int bits, int64_t c0, int
     case 4: V::unpack4(row + c0 / 2, (n + 1) / 2, buf); return buf;
     case 2: V::unpack2(row + c0 / 4, (n + 3) / 4, buf); return buf;
     default:
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<uint8_t>(code_at(row + c0 / 8 * 3, 3, i));
+      for (int64_t c = 0; c < n; c += 8) {  // 8 values per 3 bytes
+        const uint8_t* p = row + (c0 + c) / 8 * 3;
+        const uint32_t word = p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16);
+        for (int k = 0; k < 8; ++k) buf[c + k] = (word >> (3 * k)) & 7u;
+      }
       return buf;
   }
 }
@@ -191,30 +195,30 @@ constexpr int64_t chunk_values() {
   return V::permuted ? V::width * (8 / BITS) : (8 / BITS);
 }
 
-template <int BITS, int RT, int NT>
-void fused_block(const QuantArgs& a, int64_t rb, int64_t nr, const float* const* xs, const float* scale,
+inline float ternary_value(uint32_t symbol, float lo, float hi) { return symbol == 1 ? lo : (symbol == 2 ? hi : 0.0f); }
+
+// TERN: ternary symbols (BITS = 2 packed, or BITS = 8: one decoded sub1 symbol per byte), scale/zero hold lo/hi.
+template <int BITS, bool TERN, int RT, int NT>
+void fused_block(const QuantArgs& a, const uint8_t* const* rows, int64_t nr, const float* const* xs, const float* scale,
                  const float* zero, float dots[RT][4]) {
   constexpr int per_byte = 8 / BITS;
   constexpr int64_t chunk = V::width * per_byte;
   typename V::reg acc[RT][NT];
   float tail[RT][NT];
-  const uint8_t* rows[RT];
-  for (int r = 0; r < RT; ++r) {
-    rows[r] = a.qweight + (rb + (r < nr ? r : 0)) * a.row_bytes;  // rows past the end repeat row 0; ignored
+  for (int r = 0; r < RT; ++r)
     for (int j = 0; j < NT; ++j) acc[r][j] = V::zero(), tail[r][j] = 0.0f;
-  }
   for (int64_t g = 0; g < a.n_groups; ++g) {
     const int64_t s0 = g * a.group, e0 = s0 + a.group;
     typename V::Group params[RT];
     MOECONV_UNROLL for (int r = 0; r < RT; ++r) {
       const int64_t p = (r < nr ? r : 0) * a.n_groups + g;
-      params[r] = V::template group<BITS>(scale[p], zero[p]);
+      params[r] = TERN ? V::ternary(scale[p], zero[p]) : V::template group<BITS>(scale[p], zero[p]);
     }
     int64_t i = s0;
     for (; i + chunk <= e0; i += chunk) {
       MOECONV_UNROLL for (int r = 0; r < RT; ++r) {
         typename V::reg w[per_byte];
-        V::template dequant<BITS>(rows[r] + i / per_byte, params[r], w);
+        V::template dequant<BITS, TERN>(rows[r] + i / per_byte, params[r], w);
         MOECONV_UNROLL for (int k = 0; k < per_byte; ++k) {
           MOECONV_UNROLL for (int j = 0; j < NT; ++j) acc[r][j] = V::fma(w[k], V::load(xs[j] + i + k * V::width), acc[r][j]);
         }
@@ -223,7 +227,8 @@ void fused_block(const QuantArgs& a, int64_t rb, int64_t nr, const float* const*
     for (; i < e0; ++i)
       for (int r = 0; r < RT; ++r) {
         const int64_t p = (r < nr ? r : 0) * a.n_groups + g;
-        const float wv = (static_cast<float>(code_at(rows[r], BITS, i)) - zero[p]) * scale[p];
+        const uint32_t code = code_at(rows[r], BITS, i);
+        const float wv = TERN ? ternary_value(code, scale[p], zero[p]) : (static_cast<float>(code) - zero[p]) * scale[p];
         for (int j = 0; j < NT; ++j) tail[r][j] += wv * xs[j][i];
       }
   }
@@ -231,39 +236,46 @@ void fused_block(const QuantArgs& a, int64_t rb, int64_t nr, const float* const*
     for (int j = 0; j < NT; ++j) dots[r][j] = V::hsum(acc[r][j]) + tail[r][j];
 }
 
-template <int BITS, int RT>
-void fused_rows(const QuantArgs& a, int64_t r0, int64_t r1) {
+// Rows [r0, r1) by the fast path; row_src(r) is row r's packed codes (or decoded sub1 symbols).
+template <int BITS, bool TERN, int RT, typename RowSrc>
+void fused_rows(const QuantArgs& a, int64_t r0, int64_t r1, RowSrc row_src) {
   std::vector<float> scale(RT * a.n_groups), zero(RT * a.n_groups);
   std::vector<uint8_t> zbuf(a.n_groups + kSlack);
   const float* xs[4];
   for (int64_t j = 0; j < a.T; ++j) xs[j] = a.xp + j * a.in;
   for (int64_t rb = r0; rb < r1; rb += RT) {
     const int64_t nr = std::min<int64_t>(RT, r1 - rb);
-    for (int64_t r = 0; r < nr; ++r) row_params(a, rb + r, scale.data() + r * a.n_groups, zero.data() + r * a.n_groups, zbuf.data());
+    const uint8_t* rows[RT];
+    for (int r = 0; r < RT; ++r) rows[r] = row_src(rb + (r < nr ? r : 0));  // rows past the end repeat row 0; ignored
+    for (int64_t r = 0; r < nr; ++r) {
+      if (TERN) scale[r] = a.lo_hi[2 * (rb + r)], zero[r] = a.lo_hi[2 * (rb + r) + 1];
+      else row_params(a, rb + r, scale.data() + r * a.n_groups, zero.data() + r * a.n_groups, zbuf.data());
+    }
     float dots[RT][4];
     switch (a.T) {
-      case 4: fused_block<BITS, RT, 4>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
-      case 3: fused_block<BITS, RT, 3>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
-      case 2: fused_block<BITS, RT, 2>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
-      default: fused_block<BITS, RT, 1>(a, rb, nr, xs, scale.data(), zero.data(), dots); break;
+      case 4: fused_block<BITS, TERN, RT, 4>(a, rows, nr, xs, scale.data(), zero.data(), dots); break;
+      case 3: fused_block<BITS, TERN, RT, 3>(a, rows, nr, xs, scale.data(), zero.data(), dots); break;
+      case 2: fused_block<BITS, TERN, RT, 2>(a, rows, nr, xs, scale.data(), zero.data(), dots); break;
+      default: fused_block<BITS, TERN, RT, 1>(a, rows, nr, xs, scale.data(), zero.data(), dots); break;
     }
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t t = 0; t < a.T; ++t) a.y[t * a.out + rb + r] = dots[r][t] + (a.bias ? a.bias[rb + r] : 0.0f);
   }
 }
 
-template <int BITS>
-void fused(const QuantArgs& a, int64_t r0, int64_t r1) {
-  if (a.T <= 2) fused_rows<BITS, 8>(a, r0, r1);
-  else fused_rows<BITS, V::rows>(a, r0, r1);
+template <int BITS, bool TERN, typename RowSrc>
+void fused(const QuantArgs& a, int64_t r0, int64_t r1, RowSrc row_src) {
+  if (a.T <= 2) fused_rows<BITS, TERN, 8>(a, r0, r1, row_src);
+  else fused_rows<BITS, TERN, V::rows>(a, r0, r1, row_src);
 }
 
 inline int64_t fused_chunk(int bits) {
   return bits == 8 ? chunk_values<8>() : (bits == 4 ? chunk_values<4>() : chunk_values<2>());
 }
 
+// (ternary: bits 2, one group per row; sub1: bits 8 over its decoded symbols, one group per row.)
 inline bool fused_fits(const QuantArgs& a) {
-  return a.kind == kQuantInt && a.T <= 4 && a.bits != 3 && (a.group % fused_chunk(a.bits) == 0 || a.n_groups == 1);
+  return a.T <= 4 && a.bits != 3 && (a.group % fused_chunk(a.bits) == 0 || a.n_groups == 1);
 }
 
 // xp [T, in]: x with every whole chunk of the fast path's order permuted (see above); a copy of x otherwise.
@@ -282,68 +294,7 @@ inline void prepare_x(const QuantArgs& a, float* xp) {
 }
 
 
-// Symbols of one sub1 block (rows x 2P, row-major) from its codes; false when the stream does not decode
-// to exactly that many symbols or names a code outside the dictionary. `sym` has kSlack bytes of slack.
-inline bool decode_block(const QuantArgs& a, int64_t b, int64_t n_symbols, uint8_t* sym) {
-  static const auto spread = [] {  // byte of 4 symbols -> 4 bytes of one symbol each
-    std::vector<uint32_t> t(256);
-    for (uint32_t v = 0; v < 256; ++v) t[v] = (v & 3) | ((v >> 2 & 3) << 8) | ((v >> 4 & 3) << 16) | ((v >> 6 & 3) << 24);
-    return t;
-  }();
-  const int64_t n_blocks = (a.out + a.block_rows - 1) / a.block_rows;
-  const int64_t start = a.block_offsets[b], end = b + 1 < n_blocks ? a.block_offsets[b + 1] : a.num_codes;
-  if (start < 0 || start > end || end > a.num_codes) return false;
-  int64_t pos = 0;
-  for (int64_t c = start; c < end; ++c) {
-    const uint16_t code = a.codes[c];
-    if (code >= a.dict_size) return false;
-    const uint64_t entry = static_cast<uint64_t>(a.dictionary[code]);
-    const int64_t count = 2 * static_cast<int64_t>((entry >> 56) & 15u);
-    if (pos + count > n_symbols) return false;
-    for (int k = 0; k < 7; ++k) {  // all 28 symbol slots; the ones past `count` are overwritten next
-      const uint32_t four = spread[(entry >> (8 * k)) & 255u];
-      std::memcpy(sym + pos + 4 * k, &four, 4);
-    }
-    pos += count;
-  }
-  return pos == n_symbols;
-}
-
-inline void rows(const QuantArgs& a, int64_t begin, int64_t end) {
-  if (fused_fits(a)) {
-    if (a.bits == 8) fused<8>(a, begin, end);
-    else if (a.bits == 4) fused<4>(a, begin, end);
-    else fused<2>(a, begin, end);
-  } else if (a.kind == kQuantInt) {
-    const int64_t group = a.group;
-    run(a, begin, end, [&](int64_t r, int64_t c0, int64_t c1, uint8_t* cbuf, float* dst) {
-      const uint8_t* codes = unpack_codes(a.qweight + r * a.row_bytes, a.bits, c0, c1 - c0, cbuf);
-      for (int64_t s = c0; s < c1;) {
-        const int64_t g = s / group, e = std::min(c1, (g + 1) * group);
-        dequant(codes + (s - c0), e - s, zero_of(a, r, g), half_to_float(a.scales[r * a.n_groups + g]), dst + (s - c0));
-        s = e;
-      }
-    });
-  } else if (a.kind == kQuantTernary) {
-    run(a, begin, end, [&](int64_t r, int64_t c0, int64_t c1, uint8_t* cbuf, float* dst) {
-      const uint8_t* symbols = unpack_codes(a.qweight + r * a.row_bytes, 2, c0, c1 - c0, cbuf);
-      lookup(symbols, c1 - c0, a.lo_hi[2 * r], a.lo_hi[2 * r + 1], dst);
-    });
-  } else {
-    const int64_t R = a.block_rows, padded = a.in + a.in % 2;  // a row is 2P symbols
-    std::vector<uint8_t> sym(R * padded + kSlack);
-    for (int64_t b = begin / R; b * R < end; ++b) {
-      const int64_t first = b * R, last = std::min(a.out, first + R);
-      if (!decode_block(a, b, (last - first) * padded, sym.data())) {
-        a.error->store(1);
-        return;
-      }
-      run(a, std::max(begin, first), std::min(end, last), [&](int64_t r, int64_t c0, int64_t c1, uint8_t*, float* dst) {
-        lookup(sym.data() + (r - first) * padded + c0, c1 - c0, a.lo_hi[2 * r], a.lo_hi[2 * r + 1], dst);
-      });
-    }
-  }
-}
-
 }  // namespace MOECONV_QUANT_NS
 }  // namespace moeconv_cpu
+
+#include "quant_rows_impl.h"

@@ -29,12 +29,18 @@ struct V {
   static constexpr bool has_f16c = false;
   static inline void half8(const uint16_t*, float*) {}
   static constexpr bool permuted = false;
-  struct Group { float s, z; };
+  static constexpr bool has_spread = false;
+  static inline void spread(uint64_t, uint8_t*) {}
+  struct Group { float s, z; };  // ternary: (lo, hi)
   template <int BITS>
   static inline Group group(float s, float z) { return {s, z}; }
-  template <int BITS>  // one byte -> its 8 / BITS weights, in order
+  static inline Group ternary(float lo, float hi) { return {lo, hi}; }
+  template <int BITS, bool TERN>  // one byte -> its 8 / BITS weights, in order
   static inline void dequant(const uint8_t* p, const Group& g, reg* out) {
-    for (int k = 0; k < 8 / BITS; ++k) out[k] = (static_cast<float>((*p >> (k * BITS)) & ((1 << BITS) - 1)) - g.z) * g.s;
+    for (int k = 0; k < 8 / BITS; ++k) {
+      const uint32_t c = (*p >> (k * BITS)) & ((1u << BITS) - 1);
+      out[k] = TERN ? (c == 1 ? g.s : (c == 2 ? g.z : 0.0f)) : (static_cast<float>(c) - g.z) * g.s;
+    }
   }
   static inline void unpack4(const uint8_t* src, int64_t nbytes, uint8_t* dst) {
     for (int64_t i = 0; i < nbytes; ++i) {

@@ -16,10 +16,19 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 32;  // output rows per parallel work item (intN, ternary)
 
+bool has_bmi2() {  // the AVX-512 sub1 decoder uses PDEP
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("bmi2");
+#else
+  return false;
+#endif
+}
+
 const QuantTable* quant_table() {
   const std::string isa = active_isa_name();
   const QuantTable* t = nullptr;
-  if (isa == "avx512" || isa == "avx512bf16") t = quant_table_avx512();
+  if (isa == "avx512" || isa == "avx512bf16") t = has_bmi2() ? quant_table_avx512() : quant_table_avx2();
   else if (isa == "avx2") t = quant_table_avx2();
   return t ? t : quant_table_generic();
 }
@@ -112,6 +121,7 @@ void ternary_linear_out(const at::Tensor& x, const at::Tensor& qweight, const at
   const at::Tensor xf = prepare("ternary_linear", x, qweight.size(0), bias, out, a, bias_f);
   TORCH_CHECK(qweight.size(1) == packed_bytes(a.in, 2), "ternary_linear: qweight must be [out, ceil(in / 4)]");
   const at::Tensor qw = qweight.contiguous(), lh = lo_hi_float("ternary_linear", lo_hi, a.out);
+  a.bits = 2, a.group = std::max<int64_t>(a.in, 1), a.n_groups = 1;  // one "group" per row: lo/hi
   a.kind = kQuantTernary, a.qweight = qw.data_ptr<uint8_t>(), a.row_bytes = qw.size(1), a.lo_hi = lh.data_ptr<float>();
   launch(a, kRowsPerTask, out);
 }
@@ -129,6 +139,7 @@ void sub1_linear_out(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(block_offsets.size(0) == (a.out + block_rows - 1) / block_rows, "sub1_linear: block_offsets must be [ceil(out / block_rows)]");
   const at::Tensor cc = codes.contiguous(), bo = block_offsets.contiguous(), dc = dictionary.contiguous();
   const at::Tensor lh = lo_hi_float("sub1_linear", lo_hi, a.out);
+  a.bits = 8, a.group = std::max<int64_t>(a.in, 1), a.n_groups = 1;  // decoded symbols are bytes; lo/hi per row
   a.kind = kQuantSub1, a.codes = reinterpret_cast<const uint16_t*>(cc.data_ptr());
   a.block_offsets = bo.data_ptr<int32_t>(), a.dictionary = dc.data_ptr<int64_t>();
   a.num_codes = cc.size(0), a.dict_size = dc.size(0), a.block_rows = block_rows, a.lo_hi = lh.data_ptr<float>();

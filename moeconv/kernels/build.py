@@ -24,7 +24,8 @@ CPU_SOURCES = (
     "csrc/cpu/quant_avx2.cpp",
     "csrc/cpu/quant_generic.cpp",
 )
-CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h", "csrc/cpu/quant_cpu.h", "csrc/cpu/quant_cpu_impl.h", "csrc/cpu/quant_x86.h")
+CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h", "csrc/cpu/quant_cpu.h", "csrc/cpu/quant_cpu_impl.h", "csrc/cpu/quant_rows_impl.h",
+               "csrc/cpu/quant_x86.h")
 CUDA_SOURCES = ("csrc/cuda/moe_cuda_ops.cpp", "csrc/cuda/moe_cuda_kernels.cu")
 CUDA_HEADERS = ("csrc/cuda/moe_cuda.h",)
 CPU_EXTENSION = "moeconv.kernels._C"
