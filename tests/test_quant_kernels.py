@@ -12,6 +12,9 @@ result rounded once more: two such roundings of nearby values may land one bf16 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -227,3 +230,20 @@ def test_opcheck():
     torch.manual_seed(FIXED_SEED)
     for op, args in opcheck_samples():
         torch.library.opcheck(op, args)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_moeconv_cpu_isa_forces_the_quantized_path_too(isa):
+    """MOECONV_CPU_ISA (read when the kernels load, in a fresh process) moves the quantized ops with the MoE ones."""
+    code = (
+        "import torch; from moeconv.kernels import native, quant_ops, quant_reference as R; "
+        "from moeconv.quant.packing import pack_bits; torch.manual_seed(0); "
+        "q = pack_bits(torch.randint(0, 16, (37, 320), dtype=torch.uint8), 4); s = torch.rand(37, 5).half(); "
+        "x = torch.randn(1, 320); y = torch.ops.moeconv.quant_linear(x, q, s, None, None, 4, 64); "
+        "w = R.quant_linear(x, q, s, None, None, 4, 64); "
+        "print(native.cpu_isa(), float((y - w).abs().max() / (x.abs() @ R.int_weight(q, s, None, 4, 64, 320).abs().T).max()))"
+    )
+    env = {**os.environ, "MOECONV_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == isa and float(out[1]) <= 2 * 322 * U, out  # the bound of the module docstring, relative to |W| |x|
