@@ -5,6 +5,7 @@ same windows, one run; and whether both heal equally well at equal tokens (held-
     OMP_NUM_THREADS=1 python benchmarks/heal_speed.py                           # SmolLM2 (8,4), 16,384 tokens
     OMP_NUM_THREADS=1 python benchmarks/heal_speed.py --student /tmp/moeconv-serve/moe-16x4 --tokens 32768
     OMP_NUM_THREADS=1 python benchmarks/heal_speed.py --engines reference,fast-fp32,fast --json
+    OMP_NUM_THREADS=1 python benchmarks/heal_speed.py --epochs 2     # the fast engine computes each window's teacher once
 
 Each engine heals a freshly loaded copy of the student on the same training windows with the same recipe
 (HealConfig defaults but tokens / seqlen / batch / lr from the flags). Clock: the process's CPU time
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over tokens / epochs distinct windows (both engines)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (shakespeare:heldout)")
     parser.add_argument("--engines", default="reference,fast", help=f"comma-separated, first is the baseline: {', '.join(ENGINES)}")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed |KL_fast - KL_ref| as a fraction of the KL drop")
@@ -64,7 +66,7 @@ def main() -> int:
     teacher_path = args.teacher or default_teacher()
     tokenizer = load_tokenizer(args.student)
     base = HealConfig(tokens=args.tokens, seqlen=args.seqlen, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
-                      checkpoint_every=0)
+                      epochs=args.epochs, checkpoint_every=0)
     windows = training_windows(tokenizer, load_text(base.source), base)  # the same windows for every engine
     held = tokenize_windows(tokenizer, load_text("shakespeare:heldout"), args.eval_tokens, args.seqlen, purpose="held-out")
     teacher = load_model(teacher_path, "float32", "cpu")

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import moeconv.heal.chunked as chunked
+import moeconv.heal.train as heal_train
 from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource, load_text
@@ -170,3 +171,38 @@ def test_cli_eval_every_writes_the_heldout_curve_and_its_plot(models, tmp_path):
     assert abs(curve[-1]["kl"] - curve[0]["kl"]) > 0.05 * curve[0]["kl"]
     assert json.loads(result.stdout)["heldout"] == curve
     assert (out / "heal-kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_epochs_cache_the_teacher_and_a_resume_in_the_second_epoch_is_exact(models, tmp_path, monkeypatch):
+    teacher = load_model(models["dense"], device="cpu")
+    cfg = _cfg(models, tokens=SEQ * 4 * 6, epochs=2, checkpoint_every=2)  # 12 distinct windows, steps 4-6 repeat them
+    calls = []
+    real_cache = heal_train.TeacherCache
+
+    class Counting(real_cache):
+        def __call__(self, x):
+            before = len(self.states)
+            out = super().__call__(x)
+            calls.append(len(self.states) - before)
+            return out
+
+    monkeypatch.setattr(heal_train, "TeacherCache", Counting)
+    reference = load_model(models["moe"], device="cpu")
+    ref_metrics = heal(reference, teacher, models["tok"], cfg, tmp_path / "a")
+    assert sum(calls) == 12 and calls[6:] == [0] * 6  # the second epoch runs no teacher forward
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(event):
+        if event.stage == "step" and event.step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        heal(load_model(models["moe"], device="cpu"), teacher, models["tok"], cfg, tmp_path / "b", stop_at_5)
+    resumed = load_model(models["moe"], device="cpu")
+    metrics = heal(resumed, teacher, models["tok"], cfg, tmp_path / "b")  # resumes at step 4 with an empty cache
+    assert metrics["resumed_from_step"] == 4
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in ref_metrics["history"]]
+    ref_state = reference.state_dict()
+    assert all(torch.equal(ref_state[n], t) for n, t in resumed.state_dict().items())

@@ -35,8 +35,38 @@ def stacked_experts(block: nn.Module) -> dict[str, torch.Tensor | None]:
             "down": stack(lambda e: e.down_proj.weight)}
 
 
+BUCKETS = 3  # batched-matmul groups per projection: the experts' capacity padding shrinks as groups are added
+
+
+def capacity_buckets(counts: list[int], buckets: int = BUCKETS) -> list[list[int]]:
+    """Experts grouped so that sum(len(group) * max count in group) is least (experts sorted by count, contiguous
+    groups; dynamic programming over the E! orders is not needed: an optimal grouping of sorted sizes is contiguous)."""
+    order = sorted((e for e in range(len(counts)) if counts[e]), key=lambda e: -counts[e])  # unused experts: no group
+    size = [counts[e] for e in order]
+    n = len(size)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(buckets + 1)]  # best[b][i]: first i experts in b groups
+    cut = [[0] * (n + 1) for _ in range(buckets + 1)]
+    best[0][0] = 0
+    for b in range(1, buckets + 1):
+        for i in range(1, n + 1):
+            for j in range(b - 1, i):  # the group is order[j:i], its capacity size[j] (sorted descending)
+                cost = best[b - 1][j] + (i - j) * size[j]
+                if cost < best[b][i]:
+                    best[b][i], cut[b][i] = cost, j
+    if n == 0:
+        return []
+    b = min(range(1, min(buckets, n) + 1), key=lambda k: best[k][n])
+    groups, i = [], n
+    while i > 0:
+        j = cut[b][i]
+        groups.append(order[j:i])
+        i, b = j, b - 1
+    return groups[::-1]
+
+
 def _slot_outputs(block: nn.Module, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-    """Each (token, slot)'s weighted expert output, in expert-sorted order.  -> y [T*k, d], order [T*k]"""
+    """Each (token, slot)'s weighted expert output, grouped by expert.  -> y [T*k, d], slot [T*k] (y[i] is slot[i]'s)"""
     n_exp, k = block.num_experts, ids.shape[1]
     flat = ids.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)  # slots grouped by expert, tokens ascending within each
@@ -44,20 +74,34 @@ def _slot_outputs(block: nn.Module, x: torch.Tensor, ids: torch.Tensor, weights:
     expert = flat[order]
     pos = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
     w = stacked_experts(block)
-    buf = x.new_zeros(n_exp, int(counts.max()), x.shape[1])  # [E, C, d]
-    buf[expert, pos] = x[order // k]
-    up = torch.bmm(buf, w["up"].transpose(1, 2))  # [E, C, s]
-    if w["up_bias"] is not None:
-        up = up + w["up_bias"][:, None]
-    if w["gate"] is None:
-        h = block.experts[0].act(up)
-    else:
-        gate = torch.bmm(buf, w["gate"].transpose(1, 2))
-        if w["gate_bias"] is not None:
-            gate = gate + w["gate_bias"][:, None]
-        h = block.experts[0].act(gate) * up
-    y = torch.bmm(h, w["down"].transpose(1, 2))[expert, pos]  # [T*k, d]
-    return (y * weights.reshape(-1)[order, None]).to(x.dtype), order
+    groups = capacity_buckets(counts.tolist())
+    rank = torch.zeros(n_exp, dtype=torch.long, device=x.device)
+    group_of = torch.full((n_exp,), -1, dtype=torch.long, device=x.device)
+    for g, group in enumerate(groups):
+        members = torch.tensor(group, device=x.device)
+        rank[members], group_of[members] = torch.arange(len(group), device=x.device), g
+    ys, slots = [], []
+    for g, group in enumerate(groups):  # at most BUCKETS groups of experts, not a loop over experts
+        members = torch.tensor(group, device=x.device)
+        mine = group_of[expert] == g
+        e_rank, e_pos, e_slot = rank[expert[mine]], pos[mine], order[mine]
+        buf = x.new_zeros(len(group), int(counts[members].max()), x.shape[1])  # [G, C, d]
+        buf[e_rank, e_pos] = x[e_slot // k]
+        take = {name: None if t is None else t[members] for name, t in w.items()}
+        up = torch.bmm(buf, take["up"].transpose(1, 2))  # [G, C, s]
+        if take["up_bias"] is not None:
+            up = up + take["up_bias"][:, None]
+        if take["gate"] is None:
+            h = block.experts[0].act(up)
+        else:
+            gate = torch.bmm(buf, take["gate"].transpose(1, 2))
+            if take["gate_bias"] is not None:
+                gate = gate + take["gate_bias"][:, None]
+            h = block.experts[0].act(gate) * up
+        ys.append(torch.bmm(h, take["down"].transpose(1, 2))[e_rank, e_pos])  # [n_g, d]
+        slots.append(e_slot)
+    slot = torch.cat(slots)
+    return (torch.cat(ys) * weights.reshape(-1)[slot, None]).to(x.dtype), slot
 
 
 def _routed_sum(block, x, ids, weights):
@@ -155,3 +199,31 @@ def fast_kl_sums(student: nn.Module, teacher: nn.Module, x: torch.Tensor, lowp: 
                                         t_head.weight, getattr(t_head, "bias", None), next_token_targets(x),
                                         kl_weight=1.0, ce_weight=1.0, temperature=1.0, lowp=lowp, grad=False)
     return float(kl), float(ce), n, n_ce
+
+
+class TeacherCache:
+    """The teacher's final hidden states per training window, for heals that see each window `epochs` times.
+
+    Each window is run through the teacher on its own (batch 1), whether cached or not, so its states do not
+    depend on which windows share its micro-batch: a resumed heal (empty cache) computes the same numbers as
+    the uninterrupted one. Windows past `budget_bytes` are recomputed each time instead of stored."""
+
+    def __init__(self, teacher: nn.Module, lowp: bool, budget_bytes: int = 2 << 30):
+        self.teacher, self.lowp, self.left = teacher, lowp, budget_bytes
+        self.states: dict[bytes, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, L] -> the teacher's final hidden states [b, L, d]."""
+        out = []
+        for row in x:
+            key = row.cpu().numpy().tobytes()
+            h = self.states.get(key)
+            if h is None:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.lowp):
+                    h = final_hidden(self.teacher, self.teacher, row[None])[0]
+                if h.numel() * h.element_size() <= self.left:
+                    self.states[key] = h
+                    self.left -= h.numel() * h.element_size()
+            out.append(h)
+        return torch.stack(out)

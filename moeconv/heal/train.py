@@ -21,7 +21,7 @@ from moeconv.calib.sources import TextSource, load_text
 from moeconv.config import HealConfig
 from moeconv.errors import DataError, RecipeError
 from moeconv.heal.checkpoint import STATE_DIR, checkpoint_step, fingerprint, save_checkpoint
-from moeconv.heal.fast import batched_experts, fast_distill_loss
+from moeconv.heal.fast import TeacherCache, batched_experts, fast_distill_loss
 from moeconv.heal.groups import BODY, GROUPS, moe_blocks, parameter_groups, straight_through_routing
 from moeconv.heal.monitor import heldout_point
 from moeconv.heal.objective import check_pair, distill_loss, training_windows
@@ -189,6 +189,8 @@ def heal(
     micro = [(i, min(i + config.micro_batch, config.batch // accelerator.num_processes))
              for i in range(0, config.batch // accelerator.num_processes, config.micro_batch)]
     window_acc: list[dict] = []
+    # Windows come back `epochs` times: their teacher states are computed once (fast engine only).
+    cache = TeacherCache(teacher, precision == "bf16") if fast and config.epochs > 1 else None
     start_time = time.perf_counter()
     try:
         with straight_through_routing(student, train_router and config.straight_through) as n_ste, \
@@ -210,7 +212,8 @@ def heal(
                     sync = m == len(micro) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         if fast:
-                            loss, kl, ce = fast_distill_loss(student, model, teacher, x, config, precision == "bf16")
+                            loss, kl, ce = fast_distill_loss(student, model, teacher, x, config, precision == "bf16",
+                                                             None if cache is None else cache(x))
                         else:
                             s_logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
                             loss, kl, ce = distill_loss(s_logits, t_logits, x, config)
