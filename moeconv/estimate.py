@@ -1,10 +1,10 @@
 """What one layer of `convert` costs before it runs: peak memory by part, and floating-point work by stage.
 
-Memory (bytes, CPU): the non-layer weights of the base model LayerRunner holds in float32 (embeddings, final norm), the
-calibration hidden states and captured FFN inputs, one decoder layer in float32 plus the FFN copies the stages
-make (the dense FFN read again, the MoE block's experts), the largest token x neuron activations a stage holds,
-the refit's accumulator and factors (moeconv.refit: rows [T, N + d] and T x T matrices when T < N, else N x N
-Gram matrix, factor and best factor), and the layer's output tensors. The work per layer counts the matrix
+Memory (bytes, CPU): what the whole run holds (the base model's non-layer weights in float32, the calibration
+hidden states and captured FFN inputs, the layer's FFN as read) plus the largest step (see layer_memory), or the
+load of the embeddings where that is larger. The constants were fitted to per-step peaks (VmHWM) of a 2-layer
+Llama-3-8B-shaped conversion at 4096 tokens; the refit's accumulator and factors follow moeconv.refit (rows
+[T, N + d] and T x T matrices when T < N, else the N x N Gram matrix, factor and best factor). The work per layer counts the matrix
 products of capture, partition, router and refit; seconds = work / a FLOP rate measured on the device (an estimate:
 elementwise work, the optimizer steps and I/O are not counted).
 """
@@ -18,37 +18,50 @@ import torch
 
 from moeconv.config import ConvertRecipe
 
-# Bytes a Python process running torch and transformers holds before it loads anything (measured ~0.45 GiB).
-BASE_BYTES = 480 * 2**20
+# Bytes a Python process running torch and transformers holds before it loads anything (measured 0.36-0.40 GiB).
+BASE_BYTES = 400 * 2**20
 # Token x neuron float32 arrays alive at once while a stage computes gated activations (gate, act, up, product).
 ACTIVATION_ARRAYS = 4
+# Loading a non-layer tensor holds its float32 copy plus the source bytes read (and mapped) on the way:
+# measured 1.5x its float32 size on top of what is already held (the 8B embedding, bf16 safetensors).
+LOAD_TRANSIENT = 1.5
+CAPTURE_BATCH = 8  # windows per LayerRunner forward
 
 
-def weight_sizes(reader, layer_prefix: str) -> tuple[int, int]:
-    """(parameters of the base model outside the decoder layers, parameters of decoder layer 0) from the reader's
-    shapes. The LM head is not counted: capture runs the base model only."""
-    outside = layer0 = 0
+def weight_sizes(reader, layer_prefix: str) -> tuple[int, int, int]:
+    """(parameters of the base model outside the decoder layers, the largest of them, parameters of decoder
+    layer 0) from the reader's shapes. The LM head is not counted: capture runs the base model only."""
+    outside = largest = layer0 = 0
     base = layer_prefix.split(".")[0] + "."
     for name in reader.keys():
         numel = math.prod(reader.shape(name))
         if name.startswith(base) and not name.startswith(layer_prefix + "."):
             outside += numel
+            largest = max(largest, numel)
         elif name.startswith(f"{layer_prefix}.0."):
             layer0 += numel
-    return outside, layer0
+    return outside, largest, layer0
 
 
-def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, outside: int, layer: int, layer_out_bytes: int,
-                 output_global_bytes: int) -> dict[str, int]:
-    """Peak bytes by part for one layer with `tokens` calibration tokens (0: no calibration)."""
-    gated_ffn = 3 * d * d_ff * 4
-    parts = {"process": BASE_BYTES, "layer (float32) + FFN copies": layer * 4 + 2 * gated_ffn, "layer output": layer_out_bytes}
+def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: tuple[int, int, int], ffn_source_bytes: int,
+                 layer_out_bytes: int, output_global_bytes: int) -> dict[str, int]:
+    """Peak bytes by part with `tokens` calibration tokens (0: no calibration); the parts sum to the peak.
+
+    What every layer holds (process, float32 embeddings, calibration states, the layer's FFN as read) plus the
+    largest of what the steps hold one after another: loading the embeddings, capture (the decoder layer in
+    float32 and a batch's FFN activations), partition/router ([T, d_ff] activations), refit (its float32 FFN,
+    accumulator, factors and a chunk's activations), writing (the MoE block and the output tensors)."""
+    outside, largest, layer = sizes
+    ffn32 = 3 * d * d_ff * 4
+    parts = {"process": BASE_BYTES}
     if not tokens:
-        parts["embeddings/head (output dtype)"] = output_global_bytes
+        parts.update({"embeddings/head (output dtype)": output_global_bytes, "FFN (float32) and its experts": 2 * ffn32,
+                      "layer output": layer_out_bytes})
         return parts
-    parts["embeddings (float32)"] = outside * 4
-    parts["calibration states"] = 3 * tokens * d * 4  # hidden states in, captured FFN inputs (list + concatenated)
-    stages = {"partition/router activations": ACTIVATION_ARRAYS * tokens * d_ff * 4}  # [T, d_ff] arrays, all tokens at once
+    parts.update({"embeddings (float32)": outside * 4, "calibration states": 3 * tokens * d * 4, "FFN as read": ffn_source_bytes})
+    steps = {"capture (layer float32 + activations)": layer * 4 + 3 * min(tokens, CAPTURE_BATCH * recipe.calibration.seqlen) * d_ff * 4,
+             "partition/router activations": ffn32 + ACTIVATION_ARRAYS * tokens * d_ff * 4,
+             "write (MoE block + output)": ffn32 + 2 * layer_out_bytes}
     if recipe.refits:
         held = max(1, round(tokens * recipe.refit.holdout_fraction))
         train = tokens - held
@@ -57,19 +70,24 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, outside:
             solve = train * (d_ff + 2 * d) * wide + 3 * train * train * wide
         else:  # Gram form: Gram, factor, best factor, cross
             solve = 3 * d_ff * d_ff * wide + d_ff * d * wide
-        stages["refit"] = solve + held * (d_ff + d) * 4 + ACTIVATION_ARRAYS * min(tokens, recipe.refit.chunk) * d_ff * 4
-    largest = max(stages, key=stages.get)  # the stages run one after another: only the largest counts
-    parts[largest] = stages[largest]
+        steps["refit"] = ffn32 + solve + held * (d_ff + d) * 4 + ACTIVATION_ARRAYS * min(tokens, recipe.refit.chunk) * d_ff * 4
+    step = max(steps, key=steps.get)  # the steps run one after another: only the largest counts
+    parts[step] = steps[step]
+    loading = LOAD_TRANSIENT * largest * 4
+    if loading > sum(parts.values()) - BASE_BYTES - outside * 4:  # the peak is while the embeddings load
+        parts = {"process": BASE_BYTES, "embeddings (float32)": outside * 4, "loading the embeddings": int(loading)}
     return parts
 
 
-def layer_flops(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, layer: int, seqlen: int) -> dict[str, float]:
+def layer_flops(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, layer: int, seqlen: int,
+                partition_reads_calibration: bool) -> dict[str, float]:
     """Floating-point operations per layer by stage (matrix products only)."""
     if not tokens:
         return {}
     ffn_forward = 6 * tokens * d * d_ff  # gate, up, down
     flops = {"capture": 2 * layer * tokens + 2 * tokens * seqlen * d}
-    flops["partition"] = ffn_forward * min(1.0, 16384 / tokens)  # one activation pass; the methods' iterations vary
+    if partition_reads_calibration:  # one activation pass over at most 16K tokens; the methods' own iterations vary
+        flops["partition"] = ffn_forward * min(1.0, 16384 / tokens)
     if recipe.trains_router:
         flops["router"] = 4 * tokens * d * d_ff + 6 * recipe.router.steps * min(recipe.router.batch, tokens) * d * recipe.experts
     if recipe.refits:
@@ -87,7 +105,7 @@ def layer_flops(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, layer: in
 
 def measured_flop_rate(device: torch.device, seconds: float = 0.3) -> float:
     """float32 matrix-product FLOP/s on `device`, from square products for about `seconds`."""
-    n = 1024 if device.type == "cpu" else 4096
+    n = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
     done, start = 0, time.perf_counter()

@@ -83,7 +83,7 @@ def test_dry_run_predicts_memory_by_part_and_time_per_layer(source, tmp_path):
     plan = json.loads(result.stdout)
     assert plan["peak_bytes_estimate"] == sum(plan["memory_parts"].values())
     assert plan["memory_parts"]["calibration states"] == 3 * 2048 * plan["d_model"] * 4
-    assert set(plan["layer_flops"]) == {"capture", "partition", "router", "refit"}
+    assert set(plan["layer_flops"]) == {"capture", "router", "refit"}  # the default partition (random) reads no tokens
     assert plan["flop_rate"] > 1e8
     assert plan["seconds_per_layer_estimate"] == pytest.approx(sum(plan["layer_flops"].values()) / plan["flop_rate"])
     table = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2",
