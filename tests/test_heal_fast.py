@@ -206,3 +206,22 @@ def test_epochs_cache_the_teacher_and_a_resume_in_the_second_epoch_is_exact(mode
     assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in ref_metrics["history"]]
     ref_state = reference.state_dict()
     assert all(torch.equal(ref_state[n], t) for n, t in resumed.state_dict().items())
+
+
+def test_a_family_that_scales_its_logits_heals_on_the_full_logits(tmp_path):
+    """granite divides its logits by logits_scaling after the head: the chunked loss would ignore that, so the fast
+    engine falls back to the full-logit objective there and heals exactly like the reference."""
+    teacher_dir, student_dir = build_dense("granite", tmp_path / "t", seed=0), build_dense("granite", tmp_path / "s", seed=1)
+    x = torch.randint(1, 96, (8 * 4, SEQ), generator=torch.Generator().manual_seed(0))
+    cfg = HealConfig(tokens=SEQ * 4 * 8, seqlen=SEQ, batch=4, micro_batch=2, lr=1e-3, checkpoint_every=0, mixed_precision="no")
+    runs = [heal(load_model(student_dir, device="cpu"), load_model(teacher_dir, device="cpu"), None,
+                 cfg.model_copy(update={"engine": engine}), windows=x) for engine in ("reference", "fast")]
+    assert [h["loss"] for h in runs[1]["history"]] == pytest.approx([h["loss"] for h in runs[0]["history"]], rel=1e-5)
+    assert runs[0]["history"][-1]["kl"] < runs[0]["history"][0]["kl"]
+
+
+def test_eval_every_without_eval_tokens_is_one_line(models, tmp_path):
+    result = CliRunner().invoke(app, ["heal", str(models["moe"]), str(tmp_path / "x"), "--teacher", str(models["dense"]),
+                                      "--eval-every", "2"])
+    assert result.exit_code == 2 and "eval_every needs eval_tokens" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

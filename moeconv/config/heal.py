@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moeconv.config.base import first_error
 
@@ -48,6 +48,12 @@ class HealConfig(BaseModel):
     seed: int = 0
     source: str = Field("shakespeare", description="training text: built-in corpus, file or folder (never a held-out split)")
     text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _eval_needs_tokens(self) -> HealConfig:
+        if self.eval_every and not self.eval_tokens:
+            raise ValueError("eval_every needs eval_tokens (held-out tokens to measure, e.g. 4096)")
+        return self
 
     def steps(self) -> int:
         return -(-self.tokens // (self.batch * self.seqlen))

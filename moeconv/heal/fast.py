@@ -169,6 +169,16 @@ def final_hidden(model: nn.Module, wrapped: nn.Module, x: torch.Tensor) -> torch
     return h
 
 
+@torch.no_grad()
+def plain_head(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the model's logits are its output embedding's output (no soft-capping or scaling after it)."""
+    try:
+        final_hidden(model, model, x[:1, : min(8, x.shape[1])].to(next(model.parameters()).device))
+    except MoeconvError:
+        return False
+    return True
+
+
 def next_token_targets(x: torch.Tensor) -> torch.Tensor:
     """[B, L] -> [B*L]: each position's next token, -100 at a window's last position."""
     targets = x.roll(-1, dims=1)

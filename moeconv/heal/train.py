@@ -21,7 +21,7 @@ from moeconv.calib.sources import TextSource, load_text
 from moeconv.config import HealConfig
 from moeconv.errors import DataError, RecipeError
 from moeconv.heal.checkpoint import STATE_DIR, checkpoint_step, fingerprint, save_checkpoint
-from moeconv.heal.fast import TeacherCache, batched_experts, fast_distill_loss
+from moeconv.heal.fast import TeacherCache, batched_experts, fast_distill_loss, plain_head
 from moeconv.heal.groups import BODY, GROUPS, moe_blocks, parameter_groups, straight_through_routing
 from moeconv.heal.monitor import heldout_point
 from moeconv.heal.objective import check_pair, distill_loss, training_windows
@@ -150,6 +150,9 @@ def heal(
                         f"[{config.steps() * config.batch}, {config.seqlen}]; pass whole batches of seqlen tokens")
     check_pair(student, teacher, windows)
     steps = config.steps()
+    # The chunked loss reads the final hidden states; a family that scales or soft-caps its logits after the
+    # output embedding (granite, gemma2) gets the full-logit objective, still with the batched experts.
+    chunked = fast and plain_head(student, windows) and plain_head(teacher, windows)
     held = None
     if config.eval_every and config.eval_tokens:
         held = tokenize_windows(tokenizer, load_text(config.eval_source, config.text_field), config.eval_tokens, config.seqlen,
@@ -190,13 +193,13 @@ def heal(
              for i in range(0, config.batch // accelerator.num_processes, config.micro_batch)]
     window_acc: list[dict] = []
     # Windows come back `epochs` times: their teacher states are computed once (fast engine only).
-    cache = TeacherCache(teacher, precision == "bf16") if fast and config.epochs > 1 else None
+    cache = TeacherCache(teacher, precision == "bf16") if chunked and config.epochs > 1 else None
     start_time = time.perf_counter()
     try:
         with straight_through_routing(student, train_router and config.straight_through) as n_ste, \
                 batched_experts(student) if fast else contextlib.nullcontext():
             if held is not None and start_step == 0:
-                _heldout(state, 0, steps, student, teacher, held, accelerator, fast, precision, progress)
+                _heldout(state, 0, steps, student, teacher, held, accelerator, chunked, precision, progress)
             for step in range(start_step, steps):
                 batch = windows[step * config.batch : (step + 1) * config.batch]
                 mine = batch[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)  # [b, L]
@@ -206,12 +209,12 @@ def heal(
                 totals = torch.zeros(3, device=accelerator.device)
                 for m, (lo, hi) in enumerate(micro):
                     x = mine[lo:hi]
-                    if not fast:  # the fast path computes the teacher's final hidden states itself
+                    if not chunked:  # the chunked loss computes the teacher's final hidden states itself
                         with torch.no_grad(), accelerator.autocast():
                             t_logits = teacher(input_ids=x, use_cache=False).logits  # [b, L, V]
                     sync = m == len(micro) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        if fast:
+                        if chunked:
                             loss, kl, ce = fast_distill_loss(student, model, teacher, x, config, precision == "bf16",
                                                              None if cache is None else cache(x))
                         else:
@@ -231,7 +234,7 @@ def heal(
                     window_acc = []
                 progress(HealEvent("step", state.step, steps, {"loss": loss_v, "kl": kl_v, "ce": ce_v, "grad_norm": norms}))
                 if held is not None and (state.step % config.eval_every == 0 or state.step == steps):
-                    _heldout(state, state.step, steps, student, teacher, held, accelerator, fast, precision, progress)
+                    _heldout(state, state.step, steps, student, teacher, held, accelerator, chunked, precision, progress)
                 # The last step is always saved: a caller killed while writing the result resumes from it.
                 if checkpoint_dir is not None and (state.step == steps or (
                         config.checkpoint_every and state.step % config.checkpoint_every == 0)):
