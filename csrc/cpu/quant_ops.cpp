@@ -146,6 +146,71 @@ void sub1_linear_out(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   launch(a, block_rows * std::max<int64_t>(1, kRowsPerTask / block_rows), out);
 }
 
+// One projection of expert e: its `per` tensors in `list` (int: qweight, scales, zeros or an empty tensor;
+// ternary: qweight, lo_hi; sub1: codes, block_offsets, dictionary, lo_hi) applied to xe [n, in] -> [n, rows] float32.
+at::Tensor expert_linear(c10::string_view kind, const at::TensorList& list, int64_t e, const at::Tensor& xe, int64_t bits,
+                         int64_t group, int64_t block_rows) {
+  if (kind == "int") {
+    const at::Tensor& zeros = list[3 * e + 2];
+    at::Tensor y = at::empty({xe.size(0), list[3 * e].size(0)}, xe.options());
+    quant_linear_out(xe, list[3 * e], list[3 * e + 1], zeros.numel() ? c10::optional<at::Tensor>(zeros) : c10::nullopt,
+                     c10::nullopt, bits, group, y);
+    return y;
+  }
+  if (kind == "ternary") {
+    at::Tensor y = at::empty({xe.size(0), list[2 * e].size(0)}, xe.options());
+    ternary_linear_out(xe, list[2 * e], list[2 * e + 1], c10::nullopt, y);
+    return y;
+  }
+  at::Tensor y = at::empty({xe.size(0), list[4 * e + 3].size(0)}, xe.options());
+  sub1_linear_out(xe, list[4 * e], list[4 * e + 1], list[4 * e + 2], list[4 * e + 3], c10::nullopt, block_rows, y);
+  return y;
+}
+
+// out [T, d] = sum_j weights[t, j] expert_{ids[t, j]}(x[t]) with quantized experts, all pairs in one call: pairs are
+// grouped by expert (in expert order, tokens in order) and each active expert's gathered tokens go through its
+// projections (gate and up read the same gathered x) by the quantized linear kernels; float32 throughout.
+void quant_moe_ffn_out(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, at::TensorList gate,
+                       at::TensorList up, at::TensorList down, c10::string_view kind, int64_t bits, int64_t group_size,
+                       int64_t block_rows, c10::string_view activation, at::Tensor& out) {
+  TORCH_CHECK(kind == "int" || kind == "ternary" || kind == "sub1", "quant_moe_ffn: kind must be int, ternary or sub1");
+  const int64_t per = kind == "int" ? 3 : (kind == "ternary" ? 2 : 4);
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong &&
+                  weights.sizes() == ids.sizes(), "quant_moe_ffn: expected x [T, d], ids int64 [T, k], weights [T, k]");
+  TORCH_CHECK(!up.empty() && up.size() % per == 0 && down.size() == up.size() && (gate.empty() || gate.size() == up.size()),
+              "quant_moe_ffn: up, down (and gate) must hold ", per, " tensors per expert, the same number of experts");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "quant_moe_ffn: out must be like x");
+  const int64_t E = static_cast<int64_t>(up.size()) / per;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();                                  // [T, d]
+  const at::Tensor flat = ids.reshape(-1), wf = weights.to(at::kFloat).reshape(-1);     // [T k]
+  TORCH_CHECK(flat.numel() == 0 || (flat.min().item<int64_t>() >= 0 && flat.max().item<int64_t>() < E),
+              "quant_moe_ffn: expert ids must be in [0, ", E, ")");
+  const at::Tensor order = std::get<1>(flat.sort(c10::optional<bool>(true), 0));                    // pairs by expert, then (t, j)
+  const at::Tensor counts = at::bincount(flat, {}, E).cpu();                             // [E]
+  at::Tensor acc = at::zeros({x.size(0), x.size(1)}, xf.options());                     // [T, d]
+  const int64_t k = ids.size(1);
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e].item<int64_t>();
+    if (n == 0) continue;
+    const at::Tensor pairs = order.narrow(0, start, n);                                  // [n] flat pair indices
+    start += n;
+    const at::Tensor tokens = at::floor_divide(pairs, k);                                 // [n]
+    const at::Tensor xe = xf.index_select(0, tokens);                                     // [n, d]
+    at::Tensor h = expert_linear(kind, up, e, xe, bits, group_size, block_rows);          // [n, s]
+    at::Tensor g = gate.empty() ? h : expert_linear(kind, gate, e, xe, bits, group_size, block_rows);
+    if (activation == "silu") g = at::silu(g);
+    else if (activation == "gelu_tanh") g = at::gelu(g, "tanh");
+    else if (activation == "gelu") g = at::gelu(g);
+    else if (activation == "relu") g = at::relu(g);
+    else TORCH_CHECK(false, "quant_moe_ffn: unknown activation '", std::string(activation), "'");
+    h = gate.empty() ? g : g * h;
+    const at::Tensor y = expert_linear(kind, down, e, h, bits, group_size, block_rows);  // [n, d]
+    acc.index_add_(0, tokens, y * wf.index_select(0, pairs).unsqueeze(1));
+  }
+  out.copy_(acc);
+}
+
 }  // namespace
 }  // namespace moeconv_cpu
 
@@ -155,10 +220,13 @@ TORCH_LIBRARY_FRAGMENT(moeconv_C, m) {
   m.def("ternary_linear_out(Tensor x, Tensor qweight, Tensor lo_hi, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("sub1_linear_out(Tensor x, Tensor codes, Tensor block_offsets, Tensor dictionary, Tensor lo_hi, Tensor? bias, "
         "int block_rows, Tensor(a!) out) -> ()");
+  m.def("quant_moe_ffn_out(Tensor x, Tensor ids, Tensor weights, Tensor[] gate, Tensor[] up, Tensor[] down, str kind, "
+        "int bits, int group_size, int block_rows, str activation, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(moeconv_C, CPU, m) {
   m.impl("quant_linear_out", &moeconv_cpu::quant_linear_out);
   m.impl("ternary_linear_out", &moeconv_cpu::ternary_linear_out);
   m.impl("sub1_linear_out", &moeconv_cpu::sub1_linear_out);
+  m.impl("quant_moe_ffn_out", &moeconv_cpu::quant_moe_ffn_out);
 }

@@ -45,3 +45,43 @@ def quantized_linear(module, x: Tensor) -> Tensor | None:
         y = torch.ops.moeconv.sub1_linear(x2, buffers["codes"], offsets, module.dictionary, module.lo_hi_float(), bias,
                                           int(fmt.get("block_rows", 1)))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def expert_tensors(module) -> tuple[str, list[Tensor]]:
+    """(kind, the tensors quant_moe_ffn takes for this QuantLinear projection: quant_reference.PER_EXPERT)."""
+    name, buffers = module.fmt["format"], module._buffers
+    if name in INT_BITS:
+        zeros = buffers.get("qzeros", buffers.get("zeros"))
+        return "int", [buffers["qweight"], buffers["scales"], zeros if zeros is not None else buffers["scales"].new_empty(0)]
+    if name == "ternary":
+        return "ternary", [buffers["qweight"], module.lo_hi_float()]
+    offsets = buffers.get("block_offsets", buffers.get("row_offsets"))
+    return "sub1", [buffers["codes"], offsets, module.dictionary, module.lo_hi_float()]
+
+
+def quantized_moe_ffn(x: Tensor, ids: Tensor, weights: Tensor, experts, activation: str) -> Tensor | None:
+    """y [T, d] = sum_j weights[t, j] expert_{ids[t, j]}(x[t]) in one moeconv::quant_moe_ffn call, for experts (a
+    sequence of modules with QuantLinear gate_proj (or None), up_proj, down_proj, all of one format and no bias);
+    None when the experts do not fit that (mixed formats, biases) or the kernels do not apply (as quantized_linear)."""
+    probe = experts[0].up_proj
+    if (x.device.type != "cpu" or x.dtype not in native.NATIVE_DTYPES
+                                      or not native.cpu_build().loaded or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    fmt = {k: v for k, v in probe.fmt.items() if k in ("format", "group_size", "symmetric", "float_zeros", "block_rows")}
+    lists: dict[str, list[Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    kind = ""
+    for expert in experts:
+        for name, found in lists.items():
+            module = getattr(expert, name, None)
+            if module is None and name == "gate_proj":
+                continue
+            same = {k: v for k, v in getattr(module, "fmt", {}).items() if k in fmt}
+            if same != fmt or getattr(module, "bias", None) is not None:
+                return None
+            kind, tensors = expert_tensors(module)
+            found.extend(tensors)
+    if lists["gate_proj"] and len(lists["gate_proj"]) != len(lists["up_proj"]):
+        return None
+    bits = INT_BITS.get(fmt["format"], 2)
+    return torch.ops.moeconv.quant_moe_ffn(x, ids, weights, lists["gate_proj"], lists["up_proj"], lists["down_proj"], kind,
+                                           bits, int(fmt.get("group_size", -1)), int(fmt.get("block_rows", 1)), activation)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeconv.kernels.reference import activation_fn
+
 SUB1_LENGTH_SHIFT = 56
 SUB1_SLOTS = 28  # symbols an entry can hold
 
@@ -81,3 +83,30 @@ def ternary_linear(x, qweight, lo_hi, bias) -> Tensor:
 def sub1_linear(x, codes, block_offsets, dictionary, lo_hi, bias, block_rows: int) -> Tensor:
     symbols = sub1_symbols(codes, block_offsets, dictionary, lo_hi.shape[0], x.shape[-1], block_rows)
     return _linear(x, ternary_weight(symbols, lo_hi), bias)
+
+
+PER_EXPERT = {"int": 3, "ternary": 2, "sub1": 4}  # tensors per expert and projection in quant_moe_ffn's lists
+
+
+def expert_linear(kind: str, tensors: list[Tensor], e: int, x: Tensor, bits: int, group_size: int, block_rows: int) -> Tensor:
+    """Projection of expert e (its PER_EXPERT[kind] tensors in `tensors`; an empty int zeros tensor = symmetric)."""
+    t = tensors[PER_EXPERT[kind] * e : PER_EXPERT[kind] * (e + 1)]
+    if kind == "int":
+        return quant_linear(x, t[0], t[1], t[2] if t[2].numel() else None, None, bits, group_size)
+    if kind == "ternary":
+        return ternary_linear(x, t[0], t[1], None)
+    return sub1_linear(x, t[0], t[1], t[2], t[3], None, block_rows)
+
+
+def quant_moe_ffn(x, ids, weights, gate, up, down, kind: str, bits: int, group_size: int, block_rows: int,
+                  activation: str) -> Tensor:
+    """sum_j weights[t, j] down_e(act(gate_e x) * up_e x) (non-gated: down_e(act(up_e x))), e = ids[t, j], in float32."""
+    xf, out = x.float(), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = xf[tok]  # [n, d]
+        h = expert_linear(kind, up, e, xe, bits, group_size, block_rows)
+        g = activation_fn(activation, expert_linear(kind, gate, e, xe, bits, group_size, block_rows) if gate else h)
+        y = expert_linear(kind, down, e, g * h if gate else g, bits, group_size, block_rows)
+        out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
+    return out.to(x.dtype)
