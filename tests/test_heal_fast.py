@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import moeconv.heal.chunked as chunked
+import moeconv.heal.objective as objective
 import moeconv.heal.train as heal_train
 from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.calib.capture import tokenize_windows
@@ -225,3 +226,13 @@ def test_eval_every_without_eval_tokens_is_one_line(models, tmp_path):
                                       "--eval-every", "2"])
     assert result.exit_code == 2 and "eval_every needs eval_tokens" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_distill_metrics_chunked_equal_the_full_logits(models, monkeypatch):
+    student, teacher = load_model(models["moe"], device="cpu"), load_model(models["dense"], device="cpu")
+    chunked_metrics = distill_metrics(student, teacher, models["held"][:4], 2)
+    monkeypatch.setattr(objective, "plain_head", lambda model, x: False)  # force the [B, L, V] path
+    full = distill_metrics(student, teacher, models["held"][:4], 2)
+    assert chunked_metrics["tokens"] == full["tokens"] == 4 * SEQ and full["kl"] > 0.05
+    for key in ("kl", "ppl", "teacher_ppl"):
+        assert chunked_metrics[key] == pytest.approx(full[key], rel=1e-5), key

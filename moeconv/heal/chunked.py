@@ -36,7 +36,8 @@ def chunked_terms(hs, weight, bias, ht, t_weight, t_bias, targets, *, kl_weight:
 
     hs, ht [N, d] the student's and teacher's final hidden states; targets [N] the next token of each row
     (-100: none, e.g. a window's last position). KL is averaged over all N rows and scaled by T^2 (as the
-    reference), CE over the rows with a target.  -> (kl_sum, ce_sum, n_kl, n_ce, grad_hs, grad_weight, grad_bias)
+    reference), CE over the rows with a target.
+    -> ({"kl", "ce", "teacher_ce": sums, "n", "n_ce": row counts}, (grad_hs, grad_weight, grad_bias) or Nones)
     """
     n, vocab = hs.shape[0], weight.shape[0]
     rows = rows or chunk_rows(vocab)
@@ -45,6 +46,7 @@ def chunked_terms(hs, weight, bias, ht, t_weight, t_bias, targets, *, kl_weight:
     t = temperature
     kl_sum = torch.zeros((), dtype=torch.float64, device=hs.device)
     ce_sum = torch.zeros((), dtype=torch.float64, device=hs.device)
+    t_ce_sum = torch.zeros((), dtype=torch.float64, device=hs.device)
     grad_h = torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hs.device) if grad else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=hs.device) if grad and bias is not None else None
@@ -59,17 +61,20 @@ def chunked_terms(hs, weight, bias, ht, t_weight, t_bias, targets, *, kl_weight:
         with torch.no_grad():
             zt = _logits(ht[lo:hi], t_weight, t_bias, lowp)  # [c, V]
         lt = _log_softmax(zt, t)
+        zt_keep = zt if (t != 1 and not grad) else None
         del zt
         ls_t = _log_softmax(zs, t)
         ls = _log_softmax(zs, 1.0) if t != 1 else ls_t  # CE is on the untempered logits
         del zs
         pt = lt.exp()
         kl_sum += (pt * (lt - ls_t)).sum(dtype=torch.float64)
-        del lt
         tgt, ok = targets[lo:hi], valid[lo:hi]
         rows_ok = ok.nonzero().squeeze(1)
         if rows_ok.numel():
             ce_sum -= ls[rows_ok, tgt[rows_ok]].sum(dtype=torch.float64)
+            if not grad:  # the teacher's own CE (its perplexity), for measurements
+                t_ce_sum -= (lt if t == 1 else _log_softmax(zt_keep, 1.0))[rows_ok, tgt[rows_ok]].sum(dtype=torch.float64)
+        del lt
         if not grad:
             continue
         # d(T^2 mean KL)/dz = T (softmax(z/T) - p_t) / N;  d mean CE/dz = (softmax(z) - onehot(target)) / N_ce
@@ -91,7 +96,7 @@ def chunked_terms(hs, weight, bias, ht, t_weight, t_bias, targets, *, kl_weight:
         grad_w += dz.T @ h
         if grad_b is not None:
             grad_b += dz.sum(0, dtype=torch.float32)
-    return kl_sum, ce_sum, n, n_ce, grad_h, grad_w, grad_b
+    return {"kl": kl_sum, "ce": ce_sum, "teacher_ce": t_ce_sum, "n": n, "n_ce": n_ce}, (grad_h, grad_w, grad_b)
 
 
 class ChunkedDistill(torch.autograd.Function):
@@ -99,11 +104,11 @@ class ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, weight, bias, ht, t_weight, t_bias, targets, kl_weight, ce_weight, temperature, lowp):
-        kl_sum, ce_sum, n, n_ce, gh, gw, gb = chunked_terms(
+        sums, (gh, gw, gb) = chunked_terms(
             hs.detach(), weight.detach(), None if bias is None else bias.detach(), ht, t_weight, t_bias, targets,
             kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, lowp=lowp)
-        kl = (kl_sum / n * temperature * temperature).float()
-        ce = (ce_sum / max(n_ce, 1)).float()
+        kl = (sums["kl"] / sums["n"] * temperature * temperature).float()
+        ce = (sums["ce"] / max(sums["n_ce"], 1)).float()
         ctx.save_for_backward(gh.to(hs.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
         ctx.mark_non_differentiable(kl, ce)
         return kl_weight * kl + ce_weight * ce, kl, ce

@@ -200,15 +200,15 @@ def fast_distill_loss(student: nn.Module, wrapped: nn.Module, teacher: nn.Module
 
 
 @torch.no_grad()
-def fast_kl_sums(student: nn.Module, teacher: nn.Module, x: torch.Tensor, lowp: bool) -> tuple[float, float, int, int]:
-    """Held-out (KL sum, CE sum, tokens, predicted tokens) of x [b, L] without logits [b, L, V] (no gradient)."""
+def fast_kl_sums(student: nn.Module, teacher: nn.Module, x: torch.Tensor, lowp: bool) -> dict:
+    """Held-out sums of x [b, L] without logits [b, L, V] (no gradient): {"kl", "ce", "teacher_ce", "n", "n_ce"}."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=lowp):
-        hs, ht = final_hidden(student, student, x), final_hidden(teacher, teacher, x)
+        hs, ht = final_hidden(student, student, x), final_hidden(teacher, teacher, x.to(next(teacher.parameters()).device))
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    kl, ce, n, n_ce, *_ = chunked_terms(hs.flatten(0, 1), s_head.weight, getattr(s_head, "bias", None), ht.flatten(0, 1),
-                                        t_head.weight, getattr(t_head, "bias", None), next_token_targets(x),
-                                        kl_weight=1.0, ce_weight=1.0, temperature=1.0, lowp=lowp, grad=False)
-    return float(kl), float(ce), n, n_ce
+    sums, _ = chunked_terms(hs.flatten(0, 1), s_head.weight, getattr(s_head, "bias", None), ht.flatten(0, 1).to(hs.device),
+                            t_head.weight.to(hs.device), None if getattr(t_head, "bias", None) is None else t_head.bias.to(hs.device),
+                            next_token_targets(x), kl_weight=1.0, ce_weight=1.0, temperature=1.0, lowp=lowp, grad=False)
+    return {k: float(v) for k, v in sums.items()}
 
 
 class TeacherCache:

@@ -24,7 +24,8 @@ def heldout_point(student: nn.Module, teacher: nn.Module, held: torch.Tensor, ac
     for b in range(0, mine.shape[0], batch):
         x = mine[b : b + batch].to(accelerator.device)  # [b, L]
         if fast:
-            kl, ce, n, n_ce = fast_kl_sums(student, teacher, x, lowp)
+            got = fast_kl_sums(student, teacher, x, lowp)
+            kl, ce, n, n_ce = got["kl"], got["ce"], got["n"], got["n_ce"]
         else:
             with accelerator.autocast():
                 s = student(input_ids=x, use_cache=False).logits.float()  # [b, L, V]

@@ -12,6 +12,7 @@ from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource
 from moeconv.config import HealConfig
 from moeconv.errors import DataError, MoeconvError
+from moeconv.heal.fast import fast_kl_sums, plain_head
 
 
 def training_windows(tokenizer, source: TextSource, config: HealConfig) -> torch.Tensor:
@@ -56,20 +57,27 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids
 
 @torch.no_grad()
 def distill_metrics(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch: int = 1) -> dict[str, float]:
-    """KL(teacher || student) per token, student and teacher perplexity on windows [N, L] (no training)."""
+    """KL(teacher || student) per token, student and teacher perplexity on windows [N, L] (no training).
+
+    Float32; chunked over the vocabulary (no [L, V] logits) where both models' logits are their heads' output."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
+    chunked = plain_head(student, windows) and plain_head(teacher, windows)
     kl_sum = ce_s = ce_t = 0.0
     tokens = preds = 0
     for b in range(0, windows.shape[0], batch):
         x = windows[b : b + batch].to(device)  # [B, L]
-        s = student(input_ids=x, use_cache=False).logits.float()  # [B, L, V]
-        t = teacher(input_ids=x.to(next(teacher.parameters()).device), use_cache=False).logits.float().to(device)
-        s_logp, t_logp = s.log_softmax(-1), t.log_softmax(-1)
-        kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum())
-        ce_s += float(F.cross_entropy(s[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-        ce_t += float(F.cross_entropy(t[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+        if chunked:
+            got = fast_kl_sums(student, teacher, x, lowp=False)
+            kl_sum, ce_s, ce_t = kl_sum + got["kl"], ce_s + got["ce"], ce_t + got["teacher_ce"]
+        else:
+            s = student(input_ids=x, use_cache=False).logits.float()  # [B, L, V]
+            t = teacher(input_ids=x.to(next(teacher.parameters()).device), use_cache=False).logits.float().to(device)
+            s_logp, t_logp = s.log_softmax(-1), t.log_softmax(-1)
+            kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum())
+            ce_s += float(F.cross_entropy(s[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+            ce_t += float(F.cross_entropy(t[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
         tokens += x.numel()
         preds += x[:, 1:].numel()
     student.train(was_training)
