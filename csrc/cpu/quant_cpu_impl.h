@@ -18,7 +18,7 @@
 namespace moeconv_cpu {
 namespace MOECONV_QUANT_NS {
 
-constexpr int64_t kCols = 512;   // values per column block (a multiple of 8: whole int3 chunks)
+constexpr int64_t kCols = 512;   // most values per column block (a multiple of 64: whole int3 chunks)
 constexpr int64_t kSlack = 64;
 // Register tiles must be unrolled to stay in registers (an accumulator array indexed by a loop variable
 // would live in memory, one store-to-load round trip per FMA).
@@ -120,22 +120,25 @@ inline void dot_tile(const float* const* w, const float* const* xs, int64_t n, f
       for (int j = 0; j < NT; ++j) dots[r][j] += w[r][i] * xs[j][i];
 }
 
-// Rows [r0, r1) of y; fill(r, c0, c1, codes_buf, dst) dequantizes row r's columns [c0, c1) into dst.
+// Rows [r0, r1) of y; fill(r, c0, c1, codes_buf, dst) dequantizes row r's columns [c0, c1) into dst. Column blocks
+// are the outer loop, so each block of x (all T tokens, about 32 KiB) stays in L1 while every row of the panel
+// [r0, r1) passes (RT rows at a time); each packed weight is still read once.
 template <int RT, typename Fill>
 void run_rows(const QuantArgs& a, int64_t r0, int64_t r1, Fill fill) {
+  const int64_t cols = std::clamp<int64_t>(8192 / std::max<int64_t>(a.T, 1) / 64 * 64, 64, kCols);
   std::vector<float> wbuf(RT * kCols);
   std::vector<uint8_t> cbuf(kCols + kSlack);
-  std::vector<float> acc(RT * a.T);
-  for (int64_t rb = r0; rb < r1; rb += RT) {
-    const int64_t nr = std::min<int64_t>(RT, r1 - rb);
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t c0 = 0; c0 < a.in; c0 += kCols) {
-      const int64_t n = std::min(kCols, a.in - c0);
+  std::vector<float> acc((r1 - r0) * a.T, 0.0f);  // [rows of the panel, T]
+  for (int64_t c0 = 0; c0 < a.in; c0 += cols) {
+    const int64_t n = std::min(cols, a.in - c0);
+    for (int64_t rb = r0; rb < r1; rb += RT) {
+      const int64_t nr = std::min<int64_t>(RT, r1 - rb);
       const float* w[RT];
       for (int r = 0; r < RT; ++r) {
         if (r < nr) fill(rb + r, c0, c0 + n, cbuf.data(), wbuf.data() + r * kCols);
         w[r] = wbuf.data() + (r < nr ? r : 0) * kCols;  // rows past the end repeat row 0; ignored
       }
+      float* acc_rows = acc.data() + (rb - r0) * a.T;
       for (int64_t j0 = 0; j0 < a.T; j0 += 4) {
         const int64_t nj = std::min<int64_t>(4, a.T - j0);
         const float* xs[4];
@@ -148,13 +151,13 @@ void run_rows(const QuantArgs& a, int64_t r0, int64_t r1, Fill fill) {
           default: dot_tile<RT, 1>(w, xs, n, dots); break;
         }
         for (int64_t r = 0; r < nr; ++r)
-          for (int64_t j = 0; j < nj; ++j) acc[r * a.T + j0 + j] += dots[r][j];
+          for (int64_t j = 0; j < nj; ++j) acc_rows[r * a.T + j0 + j] += dots[r][j];
       }
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      const float b = a.bias ? a.bias[rb + r] : 0.0f;
-      for (int64_t t = 0; t < a.T; ++t) a.y[t * a.out + rb + r] = acc[r * a.T + t] + b;
-    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float b = a.bias ? a.bias[r] : 0.0f;
+    for (int64_t t = 0; t < a.T; ++t) a.y[t * a.out + r] = acc[(r - r0) * a.T + t] + b;
   }
 }
 
