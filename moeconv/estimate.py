@@ -4,7 +4,7 @@ Memory (bytes, CPU): what the whole run holds (the base model's non-layer weight
 hidden states and captured FFN inputs, the layer's FFN as read) plus the largest step (see layer_memory), or the
 load of the embeddings where that is larger. The constants were fitted to per-step peaks (VmHWM) of a 2-layer
 Llama-3-8B-shaped conversion at 4096 tokens; the refit's accumulator and factors follow moeconv.refit (rows
-[T, N + d] and T x T matrices when T < N, else the N x N Gram matrix, factor and best factor). The work per layer counts the matrix
+[T, N + d] and T x T matrices when T < N, else the N x N Gram matrix and a factor, in float64 where auto widens). The work per layer counts the matrix
 products of capture, partition, router and refit; seconds = work / a FLOP rate measured on the device (an estimate:
 elementwise work, the optimizer steps and I/O are not counted).
 """
@@ -65,12 +65,17 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
     if recipe.refits:
         held = max(1, round(tokens * recipe.refit.holdout_fraction))
         train = tokens - held
-        wide = 8 if recipe.refit.precision == "float64" else 4
-        if train < d_ff:  # dual form: rows, targets, residual; kernel, factor, best factor
-            solve = train * (d_ff + 2 * d) * wide + 3 * train * train * wide
-        else:  # Gram form: Gram, factor, best factor, cross
-            solve = 3 * d_ff * d_ff * wide + d_ff * d * wide
-        steps["refit"] = ffn32 + solve + held * (d_ff + d) * 4 + ACTIVATION_ARRAYS * min(tokens, recipe.refit.chunk) * d_ff * 4
+        item = 8 if recipe.refit.precision == "float64" else 4
+        # a factorization holds the matrix and its factor; "auto" may factor a candidate in float64 from a float64 copy
+        factoring = {"float32": 8, "float64": 16, "auto": 20}[recipe.refit.precision]
+        chunk = ACTIVATION_ARRAYS * min(tokens, recipe.refit.chunk) * d_ff * 4
+        if train < d_ff:  # dual form: rows, targets and residuals kept; kernel and factor (rows in float64 when widened)
+            rows = train * (d_ff + 2 * d) * item
+            accumulate, factorize = rows + chunk, rows + factoring * train * train + (train * d_ff * 8 if recipe.refit.precision == "auto" else 0)
+        else:  # Gram form: Gram matrix and cross products; then the Gram matrix and a factor
+            cross = d_ff * d * item
+            accumulate, factorize = d_ff * d_ff * item + cross + chunk, factoring * d_ff * d_ff + cross
+        steps["refit"] = ffn32 + held * (d_ff + d) * 4 + max(accumulate, factorize)  # the two phases follow each other
     step = max(steps, key=steps.get)  # the steps run one after another: only the largest counts
     parts[step] = steps[step]
     loading = LOAD_TRANSIENT * largest * 4

@@ -18,7 +18,7 @@ The solve at scale (d_ff = N up to 14336, T training tokens, T_h held out, d out
   a T x T Cholesky per ridge strength instead of an N x N one (and no Gram accumulation at all);
 - T ≥ N: XᵀX and XᵀY are accumulated and factored (N x N Cholesky per ridge strength).
 Either way a candidate is judged on the held-out rows through the factor against their T_h columns
-(cost ~T_h, not d, right-hand sides); only the winner is solved for all d outputs. One eigendecomposition
+(cost ~T_h, not d, right-hand sides); only the winner is factored again and solved for all d outputs. One eigendecomposition
 serving every ridge strength was measured slower: eigh costs 20-30 Cholesky factorizations at these sizes
 on CPU (benchmarks/refit_scale.py), more than the 5 default candidates.
 Arithmetic is float32 where the ridge keeps the system well conditioned: κ ≤ (λ_max + λ)/λ, λ_max by power
@@ -226,10 +226,11 @@ def refit_with_holdout(train: NormalEquations, held: HeldOut, w0: Tensor, damps:
         except torch.linalg.LinAlgError:  # numerically singular at this damp (e.g. dead neurons): try the next
             continue
         error = _relative(held_y, ridge.held(factor, lam))
-        if error < best_error * (1 - 1e-6):
-            best, best_error, best_damp = (factor, lam), error, damp
         del factor
-    fitted = w0 if best is None else ridge.weights(*best).T.to(w0.device, w0.dtype)
+        if error < best_error * (1 - 1e-6):
+            best, best_error, best_damp = lam, error, damp
+    # The winner is factored again rather than kept: one more factorization instead of a second N x N matrix in memory.
+    fitted = w0 if best is None else ridge.weights(ridge.factor(best), best).T.to(w0.device, w0.dtype)
     # refit_error_after is the error of the weights actually used: a discarded refit leaves it unchanged.
     metrics = {"refit_error_before": before, "refit_error_after": best_error, "refit_kept": float(best is not None),
                "refit_damp": best_damp}
