@@ -99,6 +99,7 @@ class NormalEquations:
         if self.dual:
             x = torch.cat(self.x) if self.x else torch.zeros(0, self.inputs, dtype=self.dtype, device=self.device)
             y = torch.cat(self.y) if self.y else torch.zeros(0, self.outputs, dtype=self.dtype, device=self.device)
+            self.x, self.y = [x], [y]  # the chunks are not held twice
             return _Dual(x, y, w0t, held_x, self.precision)
         return _Primal(self.gram, self.cross, w0t, held_x, self.precision)
 
@@ -173,8 +174,10 @@ class _Dual(_Ridge):
             self.held_base, self.held_cross = held_x @ w0t, held_x @ x.T  # [T_h, d], [T_h, T]
 
     def wide_matrix(self) -> Tensor:
-        wide = self.x.double()  # recomputed from the rows: the float32 product would carry its rounding into float64
-        return wide @ wide.T
+        if not hasattr(self, "_wide"):  # from the rows: the float32 product would carry its rounding into float64
+            wide = self.x.double()
+            self._wide = wide @ wide.T  # T x T: kept for the next widened candidate
+        return self._wide
 
     def held(self, factor: Tensor, lam: float) -> Tensor:
         v = torch.cholesky_solve(self.held_cross.T.to(factor.dtype), factor)  # [T, T_h]
