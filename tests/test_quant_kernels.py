@@ -169,8 +169,13 @@ def test_ternary_kernel_matches_reference(seed, shape):
     run_all(("ternary", buffers["qweight"], lo_hi), weight, seed, f"ternary {shape}")
 
 
+# (out, in, block_rows): rows of 2P symbols decode packed 4 per byte when 2P % 4 == 0 (203, 1064, 16, 7 columns), else
+# one symbol per byte (201, 6); blocks of 32 rows are decoded 8 rows at a time, codes spanning those groups carried.
+SUB1_SHAPES = [(37, 203, 32), (70, 1064, 5), (9, 16, 1), (33, 7, 4), (37, 201, 32), (12, 6, 3)]
+
+
 @NATIVE
-@pytest.mark.parametrize("shape", [(37, 203, 32), (70, 1064, 5), (9, 16, 1), (33, 7, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SUB1_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sub1_kernel_matches_reference(seed, shape):
     out, cols, block_rows = shape
     symbols, codes, offsets, table = sub1_case(out, cols, block_rows)

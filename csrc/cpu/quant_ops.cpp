@@ -139,7 +139,8 @@ void sub1_linear_out(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(block_offsets.size(0) == (a.out + block_rows - 1) / block_rows, "sub1_linear: block_offsets must be [ceil(out / block_rows)]");
   const at::Tensor cc = codes.contiguous(), bo = block_offsets.contiguous(), dc = dictionary.contiguous();
   const at::Tensor lh = lo_hi_float("sub1_linear", lo_hi, a.out);
-  a.bits = 8, a.group = std::max<int64_t>(a.in, 1), a.n_groups = 1;  // decoded symbols are bytes; lo/hi per row
+  // Rows decode to 2-bit symbols when they fill whole bytes (2P % 4 == 0), else to bytes; lo/hi per row.
+  a.bits = (a.in + a.in % 2) % 4 == 0 ? 2 : 8, a.group = std::max<int64_t>(a.in, 1), a.n_groups = 1;
   a.kind = kQuantSub1, a.codes = reinterpret_cast<const uint16_t*>(cc.data_ptr());
   a.block_offsets = bo.data_ptr<int32_t>(), a.dictionary = dc.data_ptr<int64_t>();
   a.num_codes = cc.size(0), a.dict_size = dc.size(0), a.block_rows = block_rows, a.lo_hi = lh.data_ptr<float>();
