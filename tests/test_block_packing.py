@@ -107,3 +107,33 @@ def test_packed_block_saves_and_reloads(tmp_path, monkeypatch):
     other = MoeconvMoeBlock(16, MOE).eval()
     other.load_state_dict(load_file(str(tmp_path / "b.safetensors")))
     assert torch.equal(_fused_and_loop(other, x, monkeypatch)[0], fused)
+
+
+@pytest.mark.parametrize("kind", ["int4", "ternary", "sub1"])
+def test_quantized_experts_take_one_quantized_moe_call(kind, monkeypatch):
+    """A block whose experts are QuantLinear modules: the fused path is one moeconv::quant_moe_ffn call per step, equal
+    to the per-expert loop on the pure-PyTorch path (tolerance as in tests/test_quant_moe_kernel.py)."""
+    from test_quant_kernels import CPU_ISAS
+    from test_quant_moe_kernel import D, E, K, experts
+
+    import moeconv.modeling.hf.quant_linear as ql
+    from moeconv.kernels import block as block_module
+
+    if not CPU_ISAS:
+        pytest.skip("moeconv CPU kernels are not built")
+    torch.manual_seed(3)
+    block = MoeconvMoeBlock(D, dict(num_experts=E, top_k=K, expert_size=24, activation="silu", gated=True)).eval()
+    for mine, quantized in zip(block.experts, experts(kind, gated=True), strict=True):
+        mine.gate_proj, mine.up_proj, mine.down_proj = quantized.gate_proj, quantized.up_proj, quantized.down_proj
+    calls = []
+    real = block_module.quantized_moe_ffn
+    monkeypatch.setattr(block_module, "quantized_moe_ffn", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        fused = block(x)
+        second = block(x)  # the unpackable experts are remembered, and still computed
+        monkeypatch.setattr(moe_block, "_fused_moe_ffn", None)
+        monkeypatch.setattr(ql, "_native_linear", None)
+        loop = block(x)
+    assert len(calls) == 2 and torch.equal(fused, second)
+    assert ((fused - loop).norm(dim=-1) / loop.norm(dim=-1)).max() < 1e-5

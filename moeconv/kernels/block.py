@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from moeconv.kernels import native
 from moeconv.kernels.ops import moe_ffn_into
+from moeconv.kernels.quant_api import quantized_moe_ffn
 
 # transformers' ACT2FN names -> the activations the fused op implements
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -28,7 +29,7 @@ _PARTS = {"w_gate": ("gate_proj", "weight"), "w_up": ("up_proj", "weight"), "w_d
 class _Packing:
     """A block's stacked expert weights, and what must still hold for the experts' Parameters to view them."""
 
-    def __init__(self, block: nn.Module, stacks: dict[str, Tensor | None], links: list[tuple]):
+    def __init__(self, block: nn.Module, stacks: dict[str, Tensor | None] | None, links: list[tuple]):
         self.expert_modules = block.experts._modules
         self.experts = list(self.expert_modules.values())
         self.stacks = stacks
@@ -43,16 +44,30 @@ class _Packing:
         )
 
 
-def _pack(block: nn.Module) -> _Packing | None:
-    """Stack the block's expert weights and make each expert's Parameters views of the stacks, or None when the
-    experts are not plain float Linears of one dtype and device (quantized experts dequantize in their own modules)."""
+class _Unpackable(_Packing):
+    """Experts that are not plain float Linears (quantized ones): nothing stacked, while the same modules are there."""
+
+    def __init__(self, block: nn.Module):
+        links = [(e._modules, name, e._modules.get(name), None, None, None, None)
+                 for e in block.experts for name in ("gate_proj", "up_proj", "down_proj")]
+        super().__init__(block, None, links)
+
+    def holds(self, block: nn.Module) -> bool:
+        if block.experts._modules is not self.expert_modules or list(self.expert_modules.values()) != self.experts:
+            return False
+        return all(modules.get(name) is proj for modules, name, proj, *_ in self.links)
+
+
+def _pack(block: nn.Module) -> _Packing:
+    """Stack the block's expert weights and make each expert's Parameters views of the stacks (unless the experts are
+    not plain float Linears of one dtype and device: quantized experts keep their own modules)."""
     experts = list(block.experts)
     for e in experts:
         for proj in (e.up_proj, e.down_proj, e.gate_proj):
             if proj is not None and not isinstance(proj, nn.Linear):
-                return None
+                return _Unpackable(block)
     if not experts or len({(p.dtype, p.device) for e in experts for p in e.parameters()}) != 1:
-        return None
+        return _Unpackable(block)
     stacks: dict[str, Tensor | None] = {}
     links = []
     with torch.no_grad():
@@ -77,12 +92,13 @@ def packed_expert_weights(block: nn.Module) -> dict[str, Tensor | None] | None:
     if packing is None or not packing.holds(block):
         packing = _pack(block)
         block.__dict__["_moeconv_packing"] = packing  # plain attribute: not a buffer, not saved
-    return None if packing is None else packing.stacks
+    return packing.stacks
 
 
 def fused_moe_ffn(block, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor | None:
-    """Σ of the selected experts' weighted outputs through the native op, or None when it cannot run
-    here (no native build for this device/dtype, quantized experts, an activation it lacks).
+    """Σ of the selected experts' weighted outputs through the native op (the quantized one for quantized experts),
+    or None when it cannot run here (no native build for this device/dtype, an activation it lacks, experts it
+    cannot take).
 
     x [T, d], ids/weights [T, k].  The block's own shapes are checked when it is packed; the native op checks
     the per-call tensors itself, so the decode path skips the public op's Python checks.
@@ -91,7 +107,9 @@ def fused_moe_ffn(block, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor | No
     if activation is None or not native.has_native(x.device, x.dtype):
         return None
     w = packed_expert_weights(block)
-    if w is None or w["w_up"].dtype != x.dtype or w["w_up"].device != x.device:
+    if w is None:  # quantized experts: one moeconv::quant_moe_ffn call for the step, or None where it does not apply
+        return quantized_moe_ffn(x, ids, weights.to(x.dtype), list(block.experts), activation)
+    if w["w_up"].dtype != x.dtype or w["w_up"].device != x.device:
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, d]
     moe_ffn_into(out, x, ids, weights.to(x.dtype), w["w_gate"], w["w_up"],
