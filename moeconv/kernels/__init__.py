@@ -9,7 +9,7 @@ into a preallocated tensor).  kernel_status() says which implementation each op 
 
 from __future__ import annotations
 
-from moeconv.kernels import native, reference
+from moeconv.kernels import native, quant_api, reference
 from moeconv.kernels.api import KernelInputError, moe_ffn, route
 from moeconv.kernels.block import fused_moe_ffn
 from moeconv.kernels.reference import ACTIVATIONS, SCORINGS
@@ -36,4 +36,8 @@ def kernel_status() -> dict[str, str]:
     def line(cpu_text: str) -> str:
         return f"cpu: {cpu_text if cpu.loaded else f'reference ({cpu.how})'}; {tail}"
 
-    return {"route": line(route_cpu), "moe_ffn": line(ffn_cpu)}
+    # the quantized ops (csrc/cpu/quant_*): CPU only; QuantLinear falls back to dequantize + GEMM where they step aside
+    quant_cpu = (f"native {isa} [registers-only decode for <= 4 tokens, L1-buffered dequantization otherwise; "
+                 f"dequantize + GEMM past {quant_api.MAX_TOKENS} tokens] ({cpu.how})")
+    quant = f"cpu: {quant_cpu if cpu.loaded else f'PyTorch dequantize + GEMM ({cpu.how})'}; cuda: PyTorch dequantize + GEMM"
+    return {"route": line(route_cpu), "moe_ffn": line(ffn_cpu), "quant_linear": quant, "quant_moe_ffn": quant}
