@@ -12,7 +12,7 @@ kernels when built, else their pure-PyTorch path, named in the `kernels` column)
 Decode: a `--prompt`-token prompt is prefilled (not timed), then `--tokens` greedy steps with the KV cache are timed
 one forward at a time (best of `--repeats`); tokens/s = steps / seconds. Perplexity: moeconv's eval (GPTQ protocol)
 on `--windows` windows of `--seqlen` held-out tokens. --compare-torch-path adds each quantized model once more with the
-kernels switched off (QuantLinear's pure-PyTorch path: dequantize, then F.linear).
+kernels switched off (QuantLinear's pure-PyTorch path: dequantize, then F.linear, expert by expert).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from moeconv.calib.sources import load_text
 from moeconv.calib.tokenize import cut_windows, tokenize_source
 from moeconv.eval.perplexity import evaluate_perplexity
 from moeconv.io.load import load_model, load_tokenizer
+from moeconv.kernels import block as moe_kernels
 from moeconv.kernels import native
 
 
@@ -49,24 +50,30 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, repeats: int) -
 def measure(label: str, path: str, dtype: str, args, windows, prompt, torch_path: bool = False) -> str:
     model = load_model(path, dtype=dtype, device="cpu")
     quantized = any(isinstance(m, quant_linear.QuantLinear) for m in model.modules())
-    saved, ran = quant_linear._native_linear, {"native": 0, "torch": 0}
+    saved, saved_moe = quant_linear._native_linear, moe_kernels.quantized_moe_ffn
+    ran = {"native": 0, "torch": 0, "moe": 0}
 
     def counted(module, x):  # which path each quantized linear call took
         y = None if torch_path or saved is None else saved(module, x)
         ran["torch" if y is None else "native"] += 1
         return y
 
-    quant_linear._native_linear = counted
+    def counted_moe(*args):  # a MoE block's quantized experts in one call (None: the per-expert QuantLinear loop)
+        y = None if torch_path else saved_moe(*args)
+        ran["moe"] += y is not None
+        return y
+
+    quant_linear._native_linear, moe_kernels.quantized_moe_ffn = counted, counted_moe
     try:
         speed = decode_tokens_per_s(model, prompt, args.tokens, args.repeats)
         ppl = evaluate_perplexity(model, windows).ppl
     finally:
-        quant_linear._native_linear = saved
+        quant_linear._native_linear, moe_kernels.quantized_moe_ffn = saved, saved_moe
     kernels = "-"
     if quantized:
         share = ran["native"] / max(1, ran["native"] + ran["torch"])
-        kernels = f"native {native.cpu_isa()} ({100 * share:.0f} % of calls; prefill above 64 tokens: PyTorch)" \
-            if ran["native"] else "PyTorch (dequantize + F.linear)"
+        kernels = (f"native {native.cpu_isa()} ({100 * share:.0f} % of linear calls, prefill above 64 tokens: PyTorch; "
+                   f"{ran['moe']} fused MoE-block calls)") if ran["native"] or ran["moe"] else "PyTorch (dequantize + F.linear)"
     del model
     return f"| {label} | {dtype} | {kernels} | {speed:.1f} | {ppl:.3f} |"
 
