@@ -118,3 +118,13 @@ def test_quant_moe_ffn_steps_aside_for_mixed_experts():
         lists = [sum((quant_api.expert_tensors(getattr(e, n))[1] for e in ok), []) for n in ("gate_proj", "up_proj", "down_proj")]
         torch.ops.moeconv_C.quant_moe_ffn_out(torch.randn(1, D), torch.tensor([[0, E]]), torch.rand(1, K), *lists, "int", 4, -1,
                                               1, "silu", torch.empty(1, D))
+
+
+@NATIVE
+def test_quant_moe_ffn_steps_aside_for_prefill():
+    """Past MAX_TOKENS tokens each expert's QuantLinear dequantizes once and runs a GEMM instead (faster there)."""
+    found = experts("int4", True)
+    many = quant_api.MAX_TOKENS + 1
+    ids = torch.randint(0, E, (many, K), generator=torch.Generator().manual_seed(0))
+    assert quant_api.quantized_moe_ffn(torch.randn(many, D), ids, torch.rand(many, K), found, "silu") is None
+    assert quant_api.quantized_moe_ffn(torch.randn(4, D), ids[:4], torch.rand(4, K), found, "silu") is not None

@@ -64,6 +64,8 @@ def quantized_moe_ffn(x: Tensor, ids: Tensor, weights: Tensor, experts, activati
     sequence of modules with QuantLinear gate_proj (or None), up_proj, down_proj, all of one format and no bias);
     None when the experts do not fit that (mixed formats, biases) or the kernels do not apply (as quantized_linear)."""
     probe = experts[0].up_proj
+    if x.shape[0] > MAX_TOKENS:  # prefill: each expert's QuantLinear dequantizes once and runs a GEMM, which wins there
+        return None
     if (x.device.type != "cpu" or x.dtype not in native.NATIVE_DTYPES
                                       or not native.cpu_build().loaded or (torch.is_grad_enabled() and x.requires_grad)):
         return None
