@@ -75,6 +75,9 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
         else:  # Gram form: Gram matrix and cross products; then the Gram matrix and a factor
             cross = d_ff * d * item
             accumulate, factorize = d_ff * d_ff * item + cross + chunk, factoring * d_ff * d_ff + cross
+            # the solves: Gram, factor and the copy of it torch.cholesky_solve makes, right-hand side and solution
+            wide = 4 if recipe.refit.precision == "float32" else 8
+            factorize = max(factorize, d_ff * d_ff * (item + 2 * wide) + 2 * cross + 2 * d_ff * d * wide)
         steps["refit"] = ffn32 + held * (d_ff + d) * 4 + max(accumulate, factorize)  # the two phases follow each other
     step = max(steps, key=steps.get)  # the steps run one after another: only the largest counts
     parts[step] = steps[step]

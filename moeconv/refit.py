@@ -158,7 +158,8 @@ class _Primal(_Ridge):
 
     def weights(self, factor: Tensor, lam: float) -> Tensor:
         """Wᵀ [N, d]"""
-        rhs = self.cross.to(factor.dtype) + lam * self.w0t.to(factor.dtype)
+        rhs = self.cross.to(factor.dtype, copy=True)
+        rhs.add_(self.w0t.to(factor.dtype), alpha=lam)  # in place: one [N, d] temporary fewer
         return torch.cholesky_solve(rhs, factor)
 
 
