@@ -1,0 +1,63 @@
+"""Per-step peak memory and seconds of one `moeconv convert`, beside what --dry-run predicted for it.
+
+    OMP_NUM_THREADS=1 python benchmarks/make_synthetic.py /tmp/synth-8b-2l --layers 2
+    OMP_NUM_THREADS=1 python benchmarks/stage_memory.py /tmp/synth-8b-2l /tmp/moe-8b-2l --tokens 4096
+
+Each progress event closes a step: its peak is VmHWM, which is reset (/proc/self/clear_refs) when the step
+starts, so every line shows that step's own peak (Linux only). The first line is the plan's prediction:
+peak memory by part and seconds per layer by stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from moeconv.config import load_recipe
+from moeconv.convert import convert
+
+
+def _status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    args = parser.parse_args()
+    recipe = load_recipe(None, {"experts": args.experts, "top_k": args.top_k, "calibration.tokens": args.tokens})
+    plan = convert(args.src, args.out, recipe, dry_run=True)
+    print(json.dumps({"predicted_peak_gib": plan.peak_bytes_estimate / 2**30,
+                      "parts_gib": {k: v / 2**30 for k, v in plan.memory_parts.items()},
+                      "predicted_s_per_layer": plan.seconds_per_layer_estimate,
+                      "stage_s": {k: v / plan.flop_rate for k, v in plan.layer_flops.items()},
+                      "flop_rate_gflops": plan.flop_rate / 1e9}), flush=True)
+    start = last = time.perf_counter()
+    step = None
+
+    def progress(event) -> None:
+        nonlocal last, step
+        now = time.perf_counter()
+        if step is not None:
+            print(f"{now - start:8.1f}s  {step:45s} {now - last:7.1f}s  peak {_status('VmHWM'):.2f} GiB", flush=True)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM restarts from the current RSS
+        step, last = f"{event.stage} (layer {event.layer})", now
+
+    cpu = time.process_time()
+    convert(args.src, args.out, recipe, force=True, progress=progress)
+    print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
