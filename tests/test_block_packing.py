@@ -137,3 +137,18 @@ def test_quantized_experts_take_one_quantized_moe_call(kind, monkeypatch):
         loop = block(x)
     assert len(calls) == 2 and torch.equal(fused, second)
     assert ((fused - loop).norm(dim=-1) / loop.norm(dim=-1)).max() < 1e-5
+
+
+def test_packing_under_inference_mode_leaves_trainable_parameters(monkeypatch):
+    """eval/generate run under torch.inference_mode: the packed Parameters must stay ordinary tensors that a later
+    heal or dag step can train (requires_grad_ and backward)."""
+    block, x = _block(), torch.randn(7, 16)
+    with torch.inference_mode():
+        block(x)
+    weights = [p for p in block.experts.parameters()]
+    assert not any(p.is_inference() for p in weights) and not packed_expert_weights(block)["w_up"].is_inference()
+    for p in weights:
+        p.requires_grad_(True)
+    block.train()
+    block(x).square().mean().backward()
+    assert all(p.grad is not None for p in weights)

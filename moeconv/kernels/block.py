@@ -70,7 +70,9 @@ def _pack(block: nn.Module) -> _Packing:
         return _Unpackable(block)
     stacks: dict[str, Tensor | None] = {}
     links = []
-    with torch.no_grad():
+    # A first call under inference_mode must not turn the Parameters into inference tensors (training later, e.g.
+    # heal or dag after an eval, would fail): the stacks are ordinary tensors, built without autograd.
+    with torch.inference_mode(False), torch.no_grad():
         for arg, (proj_name, name) in _PARTS.items():
             members = [getattr(e, proj_name) for e in experts]
             if members[0] is None or getattr(members[0], name) is None:

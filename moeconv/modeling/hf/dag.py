@@ -199,7 +199,8 @@ class DagAggregator(nn.Module):
             else:
                 summed.append(layer.messages(z, summed=True))  # [T, g]
         sums = torch.cat(summed, -1) if len(summed) > 1 else summed[0]  # [T, L·g]
-        return out.addmm_(sums, f.up.T)  # [T, d]  in place: out is this call's own tensor
+        # in place (out is this call's own tensor); under autocast sums may be bf16 while out is float32
+        return out.addmm_(sums.to(out.dtype), f.up.T.to(out.dtype))  # [T, d]
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, top_k={self.top_k}, d_g={self.d_g}, rounds={len(self.rounds)}, stabilize={self.stabilize}"
