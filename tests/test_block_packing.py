@@ -152,3 +152,17 @@ def test_packing_under_inference_mode_leaves_trainable_parameters(monkeypatch):
     block.train()
     block(x).square().mean().backward()
     assert all(p.grad is not None for p in weights)
+
+
+def test_float_experts_of_mixed_dtypes_step_aside_then_pack_once_unified(monkeypatch):
+    from moeconv.kernels.block import fused_moe_ffn
+
+    block, x = _block(), torch.randn(7, 16)
+    ids, weights = block.route(x)
+    block.experts[1].to(torch.float64)  # a user's surgery: one expert in another dtype
+    with torch.no_grad():
+        assert fused_moe_ffn(block, x, ids, weights) is None  # not packed, not mistaken for quantized experts
+    block.experts[1].to(torch.float32)
+    fused, loop = _fused_and_loop(block, x, monkeypatch)
+    assert _close(fused, loop)
+    assert block.experts[1].up_proj.weight.data_ptr() == packed_expert_weights(block)["w_up"][1].data_ptr()

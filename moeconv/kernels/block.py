@@ -58,6 +58,14 @@ class _Unpackable(_Packing):
         return all(modules.get(name) is proj for modules, name, proj, *_ in self.links)
 
 
+class _Mixed(_Unpackable):
+    """Float experts of several dtypes or devices: not packed, and looked at again on the next call (a .to() may unify
+    them without replacing any module)."""
+
+    def holds(self, block: nn.Module) -> bool:
+        return False
+
+
 def _pack(block: nn.Module) -> _Packing:
     """Stack the block's expert weights and make each expert's Parameters views of the stacks (unless the experts are
     not plain float Linears of one dtype and device: quantized experts keep their own modules)."""
@@ -67,7 +75,7 @@ def _pack(block: nn.Module) -> _Packing:
             if proj is not None and not isinstance(proj, nn.Linear):
                 return _Unpackable(block)
     if not experts or len({(p.dtype, p.device) for e in experts for p in e.parameters()}) != 1:
-        return _Unpackable(block)
+        return _Mixed(block)
     stacks: dict[str, Tensor | None] = {}
     links = []
     # A first call under inference_mode must not turn the Parameters into inference tensors (training later, e.g.
@@ -110,7 +118,10 @@ def fused_moe_ffn(block, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor | No
         return None
     w = packed_expert_weights(block)
     if w is None:  # quantized experts: one moeconv::quant_moe_ffn call for the step, or None where it does not apply
-        return quantized_moe_ffn(x, ids, weights.to(x.dtype), list(block.experts), activation)
+        experts = list(block.experts)
+        if not all(hasattr(e.up_proj, "fmt") for e in experts):  # float experts of mixed dtypes: the per-expert loop
+            return None
+        return quantized_moe_ffn(x, ids, weights.to(x.dtype), experts, activation)
     if w["w_up"].dtype != x.dtype or w["w_up"].device != x.device:
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, d]
