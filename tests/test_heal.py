@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from heal_support import SEQ, heal_models, one_thread  # noqa: F401 - one_thread: an autouse fixture
 from typer.testing import CliRunner
 
 import moeconv.convert as convert_mod
 import moeconv.heal.train as heal_train
-from conftest import build_dense, sample_text, save_char_tokenizer
+from conftest import build_dense
 from moeconv.calib.sources import TextSource
 from moeconv.cli.app import app
 from moeconv.config import HealConfig, heal_config, load_recipe
@@ -19,36 +20,13 @@ from moeconv.convert import convert
 from moeconv.errors import DataError, MoeconvError, RecipeError
 from moeconv.heal import distill_metrics, heal, parameter_groups, straight_through_routing
 from moeconv.heal.groups import BODY, GROUPS
-from moeconv.io.load import load_model, load_tokenizer
+from moeconv.io.load import load_model
 from moeconv.prune import neuron_importance, prune_ffn_to_active
-
-SEQ = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a loaded 2-core machine are orders of magnitude slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal")
-    # A larger init than the default 0.02 makes the logits far from uniform, so KL is not trivially ~0.
-    dense = build_dense("llama", root / "dense", initializer_range=0.2)
-    save_char_tokenizer(dense)
-    train = root / "train.txt"
-    train.write_text(sample_text(40000, seed=0))
-    moe = root / "moe"
-    # Without the refit: the heal tests need a student far from its teacher (the refit alone closes much of the gap).
-    convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(train),
-                                                "calibration.tokens": 512, "calibration.seqlen": 64, "refit": False}))
-    tok = load_tokenizer(moe)
-    held = torch.tensor(tok(sample_text(6000, seed=7))["input_ids"][: 16 * SEQ]).view(16, SEQ)
-    return {"root": root, "dense": dense, "moe": moe, "train": train, "tok": tok, "held": held}
+    return heal_models(tmp_path_factory.mktemp("heal"))
 
 
 def _cfg(models, **kw) -> HealConfig:

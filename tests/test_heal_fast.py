@@ -8,49 +8,29 @@ import math
 
 import pytest
 import torch
+from heal_support import SEQ, heal_models, one_thread  # noqa: F401 - one_thread: an autouse fixture
 from typer.testing import CliRunner
 
 import moeconv.heal.chunked as chunked
 import moeconv.heal.objective as objective
 import moeconv.heal.train as heal_train
-from conftest import build_dense, sample_text, save_char_tokenizer
+from conftest import build_dense
 from moeconv.calib.capture import tokenize_windows
 from moeconv.calib.sources import TextSource, load_text
 from moeconv.cli.app import app
-from moeconv.config import HealConfig, load_recipe
-from moeconv.convert import convert
+from moeconv.config import HealConfig
 from moeconv.errors import DataError
 from moeconv.heal import distill_metrics, heal
 from moeconv.heal.fast import batched_experts, fast_distill_loss
 from moeconv.heal.groups import straight_through_routing
 from moeconv.heal.objective import distill_loss, training_windows
 from moeconv.heal.train import lr_factor
-from moeconv.io.load import load_model, load_tokenizer
-
-SEQ = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from moeconv.io.load import load_model
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal-fast")
-    dense = build_dense("llama", root / "dense", initializer_range=0.2)
-    save_char_tokenizer(dense)
-    train = root / "train.txt"
-    train.write_text(sample_text(40000, seed=0))
-    moe = root / "moe"
-    convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(train),
-                                                "calibration.tokens": 512, "calibration.seqlen": 64, "refit": False}))
-    tok = load_tokenizer(moe)
-    held = torch.tensor(tok(sample_text(6000, seed=7))["input_ids"][: 16 * SEQ]).view(16, SEQ)
-    return {"root": root, "dense": dense, "moe": moe, "train": train, "tok": tok, "held": held}
+    return heal_models(tmp_path_factory.mktemp("heal-fast"))
 
 
 def _cfg(models, **kw) -> HealConfig:
