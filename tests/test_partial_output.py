@@ -27,3 +27,19 @@ def test_finite_check_sees_every_chunk():
             u = t.clone()
             u.view(-1)[i] = bad
             assert not all_finite(u, chunk=3), (bad, i)
+
+
+def test_resume_sweeps_what_a_killed_save_left(tmp_path):
+    """A SIGKILL inside safetensors' save_file leaves its Rust temp file (.tmpXXXXXX) in OUT.partial; a resume removes
+    it with moeconv's own .tmp files and scratch folders, so it never reaches OUT (a CI run once found one there)."""
+    from moeconv.io.writer import PartialOutput
+
+    with PartialOutput(tmp_path / "out", "fp", resume=False, force=False) as partial:
+        partial.write_text("config.json", "{}")
+        for name in (".tmp54XBKJ", "model.safetensors.tmp"):
+            (partial.path / name).write_bytes(b"")
+        (partial.path / ".saving-abc").mkdir()
+        (partial.path / ".tmpkeep").write_bytes(b"x")  # not the crate's pattern (5 characters): a user's file stays
+    with PartialOutput(tmp_path / "out", "fp", resume=True, force=False) as partial:
+        partial.finalize()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".tmpkeep", "config.json"]

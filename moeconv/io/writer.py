@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,8 @@ HF_DIR = Path(__file__).parents[1] / "modeling" / "hf"
 HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
 # Files that mark a folder as one moeconv wrote (convert, quantize, dag: provenance.json; heal of a dense model: heal.json).
 OUTPUT_MARKERS = ("provenance.json", "heal.json")
+
+RUST_TEMPFILE = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # the tempfile crate's default name: ".tmp" + 6 random characters
 
 
 def shard_name(index: int, count: int) -> str:
@@ -130,7 +133,8 @@ class PartialOutput:
     def _sweep(self) -> None:
         """Remove what a killed run was in the middle of writing (temp files, scratch folders): never part of OUT."""
         for leftover in self.path.iterdir():
-            if leftover.name.endswith(".tmp") and leftover.is_file():
+            # ours end in .tmp; safetensors' save_file writes through a Rust NamedTempFile named .tmpXXXXXX in place
+            if (leftover.name.endswith(".tmp") or RUST_TEMPFILE.fullmatch(leftover.name)) and leftover.is_file():
                 leftover.unlink()
             elif leftover.name.startswith(".saving-") and leftover.is_dir():
                 shutil.rmtree(leftover)
