@@ -12,7 +12,9 @@ keeps the same number of neurons per FFN (largest mean |activation|). "X+heal" h
 checkpoint end to end (KL to the dense logits + LM loss, HealConfig defaults) on --heal-tokens
 Shakespeare train tokens: the same budget for every healed row. Every MoE row and the prune row
 get the same least-squares refit of the down projections (moeconv.refit; --no-refit turns it off
-for all rows). "X+dag" adds a DAG-MoE aggregator
+for all rows). "X+seq" calibrates each layer on the
+hidden states of the layers converted before it (calibration.inputs: converted), "X+seqgap" also refits each layer
+towards the dense layer's output (refit.target: layer). "X+dag" adds a DAG-MoE aggregator
 to row X's checkpoint (`moeconv dag`, defaults: layer-local), distilled on the same calibration budget; "X+dagkl"
 trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows);
 "X+ftkl" is its control: the same end-to-end step training row X's own weights (routers fixed) instead. "cmoe" (arXiv
@@ -49,12 +51,18 @@ def real_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+VIM_MANUAL = "vim-user-manual"  # Vim's user manual (usr_*.txt of Debian's vim-runtime): technical prose, not Shakespeare
 TRAINING_FREE = ("cmoe", "expertweaver")  # published carvings that build their own router: rows keep it untrained
 
 
 def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
-    recipe = {"experts": experts, "top_k": top_k, "partition": {"method": method.removesuffix("+shared")},
+    base = method.removesuffix("+shared").removesuffix("+seq").removesuffix("+seqgap")
+    recipe = {"experts": experts, "top_k": top_k, "partition": {"method": base},
               "calibration": {"source": "shakespeare", "tokens": args.calib_tokens, "seqlen": 512}, "seed": args.seed}
+    if method.endswith(("+seq", "+seqgap")):  # each layer calibrated on the converted layers' outputs
+        recipe["calibration"]["inputs"] = "converted"
+    if method.endswith("+seqgap"):  # ... and refitted towards the dense layer's output
+        recipe["refit"] = {"target": "layer"}
     if method.endswith("+shared"):  # one expert's worth of always-active neurons, same active count
         recipe.update(experts=experts - 1, top_k=top_k - 1, shared_neurons=1536 // experts)
     if method in TRAINING_FREE:  # the papers' shape SkAkE2E (CMoE's default S2A2E16 at 8x2): experts of d_ff/2E,
@@ -68,8 +76,23 @@ def measure(name: str, path: Path, settings: EvalSettings, cache: dict, extra: d
         result = evaluate_model(path, settings)
         cache[name] = {"ppl": result.perplexity.ppl, "top1": result.perplexity.top1, "windows": result.perplexity.windows,
                        "predicted": result.perplexity.predicted, "active_params": result.params.active,
-                       "total_params": result.params.total, **extra}
+                       "total_params": result.params.total, "tokens_fingerprint": result.tokens_fingerprint, **extra}
     return cache[name]
+
+
+def vim_user_manual(work: Path) -> Path:
+    """Vim's user manual as one text file in WORK (the chapters in order), built from the installed vim-runtime."""
+    chapters = sorted(Path("/usr/share/vim/vim90/doc").glob("usr_*.txt"))
+    if not chapters:
+        raise SystemExit("Vim's user manual is missing (apt install vim-runtime), or pass --second-text FILE or ''")
+    out = work / "vim-user-manual.txt"
+    out.write_text("\n\n".join(c.read_text(encoding="utf-8", errors="replace") for c in chapters), encoding="utf-8")
+    return out
+
+
+def second_key(name: str, text: str) -> str:
+    """Cache key of a row's result on the second held-out text (a different text gets its own entries)."""
+    return f"{name}||{Path(text).name}"
 
 
 def build(method: str, experts: int, top_k: int, gguf: Path, work: Path, args) -> Path:
@@ -135,6 +158,9 @@ def main() -> None:
     parser.add_argument("--print-only", action="store_true", help="print the cached rows, build and measure nothing")
     parser.add_argument("--heal-tokens", type=int, default=32768, help="heal budget of every X+heal row")
     parser.add_argument("--no-refit", action="store_true", help="no least-squares refit in any row (the pre-refit protocol)")
+    parser.add_argument("--second-text", default=VIM_MANUAL,
+                        help="a held-out text from another domain (file or folder of .txt), evaluated for every row too "
+                             "('' for none); default: Vim's user manual (Debian package vim-runtime), never used for calibration")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cache_file = args.work / "results.json"
@@ -146,7 +172,16 @@ def main() -> None:
     def save() -> None:
         cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True))
 
+    second = None
+    if args.second_text == VIM_MANUAL:
+        args.second_text = str(vim_user_manual(args.work))
+    if args.second_text:
+        if not Path(args.second_text).exists():
+            raise SystemExit(f"second held-out text {args.second_text} is missing; install it or pass --second-text ''")
+        second = settings.model_copy(update={"data": args.second_text})
     dense = measure("dense", gguf, settings, cache, {"convert_s": 0.0, "active_neurons": 1536})
+    if second is not None:
+        measure(second_key("dense", args.second_text), gguf, second, cache, {})
     save()
     rows = [("dense", "-", dense)]
     for setting in args.settings.split(","):
@@ -161,19 +196,38 @@ def main() -> None:
                 elapsed = time.perf_counter() - start
                 measure(name, out, settings, cache, {"convert_s": elapsed, "active_neurons": 1536 * top_k // experts})
                 save()
+            if second is not None and second_key(name, args.second_text) not in cache:
+                out = build(method, experts, top_k, gguf, args.work, args)  # built above, or by an earlier run
+                measure(second_key(name, args.second_text), out, second, cache, {})
+                save()
             rows.append((method, setting, cache[name]))
 
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); eval: shakespeare:heldout, seqlen {args.seqlen}, "
           f"{dense['windows']} windows, {dense['predicted']} predicted tokens; calibration: shakespeare train, "
           f"{args.calib_tokens} tokens; refit: {'off' if args.no_refit else 'on'}; heal: {args.heal_tokens} tokens; {date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | E x k | active FFN neurons | active params | ppl | ratio to dense | top-1 | top-1 kept | build s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    if second is not None:
+        d2 = cache[second_key("dense", args.second_text)]
+        print(f"second held-out text: {args.second_text}, seqlen {args.seqlen}, {d2['windows']} windows, "
+              f"{d2['predicted']} predicted tokens\n")
+    head2 = " | 2nd text ppl | 2nd ratio | 2nd top-1 kept" if second is not None else ""
+    print(f"| method | E x k | active FFN neurons | active params | ppl | ratio to dense | top-1 | top-1 kept{head2} | build s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if second is not None else "") + "---:|")
     for method, setting, r in rows:
-        top1, base = r.get("top1"), dense.get("top1")  # rows cached before top-1 was measured have none
-        kept = f"{100 * top1 / base:.1f}%" if top1 is not None and base else "-"
+        cells2 = ""
+        if second is not None:
+            name = "dense" if method == "dense" else f"{method}@{setting}"
+            r2 = cache.get(second_key(name, args.second_text))
+            cells2 = " | - | - | -" if r2 is None else \
+                f" | {r2['ppl']:.2f} | {r2['ppl'] / d2['ppl']:.2f}x | {kept_text(r2.get('top1'), d2.get('top1'))}"
+        top1 = r.get("top1")  # rows cached before top-1 was measured have none
         print(f"| {method} | {setting} | {r['active_neurons']} | {r['active_params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
-              f"{r['ppl'] / dense['ppl']:.2f}x | {'-' if top1 is None else f'{100 * top1:.2f}%'} | {kept} | {r['convert_s']:.0f} |")
+              f"{r['ppl'] / dense['ppl']:.2f}x | {'-' if top1 is None else f'{100 * top1:.2f}%'} | "
+              f"{kept_text(top1, dense.get('top1'))}{cells2} | {r['convert_s']:.0f} |")
+
+
+def kept_text(top1: float | None, dense_top1: float | None) -> str:
+    return f"{100 * top1 / dense_top1:.1f}%" if top1 is not None and dense_top1 else "-"
 
 
 if __name__ == "__main__":
