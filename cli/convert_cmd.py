@@ -56,6 +56,8 @@ def convert_command(
     calib: Annotated[str | None, typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
     calib_tokens: Annotated[int | None, typer.Option(help="calibration tokens")] = None,
     seqlen: Annotated[int | None, typer.Option(help="calibration window length")] = None,
+    calib_inputs: Annotated[str | None, typer.Option(help="calibrate each layer on the dense model's hidden states "
+                                                     "(dense) or on those of the layers converted before it (converted)")] = None,
     refit: Annotated[bool | None, typer.Option("--refit/--no-refit", help="least-squares refit of each down projection under its routing (default: the recipe's, on)")] = None,
     dag: Annotated[bool, typer.Option("--dag", help="add a DAG-MoE aggregator (recipe defaults), distilled per layer")] = False,
     heal_tokens: Annotated[int | None, typer.Option(help="heal the MoE end to end on N tokens after partitioning")] = None,
@@ -77,7 +79,7 @@ def convert_command(
     overrides = {
         "experts": experts, "top_k": top_k, "partition.method": method, "shared_neurons": shared_neurons,
         "scoring": scoring, "calibration.source": calib, "calibration.tokens": calib_tokens,
-        "calibration.seqlen": seqlen, "dtype": dtype, "max_shard_size": max_shard_size, "seed": seed,
+        "calibration.seqlen": seqlen, "calibration.inputs": calib_inputs, "dtype": dtype, "max_shard_size": max_shard_size, "seed": seed,
         "train_router": False if no_router_training else None,
     }
     if dag:

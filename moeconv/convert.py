@@ -14,7 +14,7 @@ from moeconv.calib.capture import LayerRunner, tokenize_windows
 from moeconv.calib.sources import load_text
 from moeconv.config import ConvertRecipe, parse_size
 from moeconv.dtypes import DTYPES, output_dtype
-from moeconv.errors import RecipeError
+from moeconv.errors import CheckpointError, RecipeError
 from moeconv.estimate import layer_flops, layer_memory, measured_flop_rate, weight_sizes
 from moeconv.heal import HealEvent, heal, write_like_student
 from moeconv.heal.checkpoint import CHECKPOINT_DIR
@@ -104,6 +104,7 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     d_ff = adapter.d_ff(reader.config)
     sizes = weight_sizes(reader, adapter.ffn_path.split(".{i}")[0])
     source_bytes = DTYPES[output_dtype("auto", reader.config)].itemsize  # the FFN as read (source dtype)
+    streams = 2 if recipe.calibration.inputs == "converted" else 1  # hidden states carried (and saved for resume)
     parts = layer_memory(recipe, tokens, d, d_ff, sizes, (3 if adapter.gated else 2) * d * d_ff * source_bytes,
                          max(unit_bytes[1:], default=0), unit_bytes[0])
     flops = layer_flops(recipe, tokens, d, d_ff, sizes[2], recipe.calibration.seqlen, partition_reads)
@@ -118,7 +119,7 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
         shards=shards, unit_bytes=unit_bytes, calibration_tokens=calib,
         heal_tokens=recipe.heal.steps() * recipe.heal.batch * recipe.heal.seqlen if recipe.heal else 0, stages=stages, total_params=total, active_params=active,
         peak_bytes_estimate=sum(parts.values()), tensors=[n for u in range(layout.num_units) for n in layout.unit_names(u)],
-        memory_parts=parts, layer_flops=flops, scratch_bytes=tokens * d * 4,
+        memory_parts=parts, layer_flops=flops, scratch_bytes=streams * tokens * d * 4,
     )
     return plan, layout
 
@@ -184,10 +185,14 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
     runner = None
     if windows is not None and todo:
         progress(ProgressEvent("embedding calibration windows"))
-        runner = LayerRunner(reader, adapter, windows, device=device)
+        converted = recipe.calibration.inputs == "converted"
+        runner = LayerRunner(reader, adapter, windows, device=device, converted_stream=converted)
         resume_state = partial.path / f"hidden-{first_layer}.safetensors"
         if first_layer > 0 and resume_state.is_file():
-            runner.restore(load_file(str(resume_state))["hidden"])
+            runner.restore(load_file(str(resume_state)))
+        elif first_layer > 0 and converted:  # each shard saves the states before it counts as done: cannot happen
+            raise CheckpointError(f"{partial.path} has layers up to {first_layer} but not the calibration states after "
+                              "them; start again with --force")
         else:
             for i in range(first_layer):  # states were not kept: recompute them
                 progress(ProgressEvent("replaying dense layer", i, plan.layers))
@@ -207,11 +212,21 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                                        generator=torch.Generator().manual_seed(recipe.seed * 100003 + i), device=device)
                     if runner is not None:
                         progress(ProgressEvent("capture", i, plan.layers))
-                        ctx.calib = runner.run_layer(i)
+                        if runner.converted is None:
+                            ctx.calib = runner.run_layer(i)
+                        else:
+                            ctx.calib, gap = runner.run_converted(i)
+                            ctx.gap = gap if corrects_gap(recipe, adapter) else None
+                            del gap
                     run_layer_stages(ctx, partitioner, lambda stage, i=i: progress(ProgressEvent(stage, i, plan.layers)))
                     metrics[str(i)] = ctx.metrics
                     progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
-                    tensors = layout.layer_tensors(i, build_block(ctx, layout.d_model))
+                    block = build_block(ctx, layout.d_model)
+                    tensors = layout.layer_tensors(i, block)
+                    if runner is not None and runner.converted is not None and i + 1 < plan.layers:
+                        progress(ProgressEvent("advance converted", i, plan.layers))
+                        runner.advance_converted(i, block)
+                    del block, ctx
                 planned = [name for name, _, _ in layout.unit_entries(unit)]
                 if set(planned) != set(tensors):
                     raise RuntimeError(f"internal: unit {unit} tensors {sorted(set(tensors) ^ set(planned))} differ from the plan")
@@ -219,15 +234,21 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                     shard.write(name, tensors[name])
                 del tensors
             partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
-        last_layer = max(plan.shards[s]) - 1
-        if runner is not None and last_layer + 1 < plan.layers:
-            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
+            last_layer = max(plan.shards[s]) - 1
+            if runner is not None and last_layer + 1 < plan.layers:  # so are the states entering the next shard
+                partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", runner.state())
         for stale in partial.path.glob("hidden-*.safetensors"):
             if stale.name != f"hidden-{last_layer + 1}.safetensors":
                 stale.unlink()
     for stale in partial.path.glob("hidden-*.safetensors"):
         stale.unlink(missing_ok=True)
     return _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, device, progress)
+
+
+def corrects_gap(recipe: ConvertRecipe, adapter: FamilyAdapter) -> bool:
+    """Whether the refit aims at the dense layer's output (recipe refit.target: layer) in this family: only where the
+    FFN output is added to the residual stream as is, so that the gap it must close is a plain difference."""
+    return recipe.refits and recipe.refit.target == "layer" and adapter.ffn_output_added
 
 
 def _finish(reader, recipe, plan, layout, partial, names, metrics, calib_fp, device, progress) -> dict:

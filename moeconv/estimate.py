@@ -58,7 +58,9 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
         parts.update({"embeddings/head (output dtype)": output_global_bytes, "FFN (float32) and its experts": 2 * ffn32,
                       "layer output": layer_out_bytes})
         return parts
-    parts.update({"embeddings (float32)": outside * 4, "calibration states": 3 * tokens * d * 4, "FFN as read": ffn_source_bytes})
+    # dense stream, its FFN inputs, the next states; converted inputs add that stream and the gap to the dense one
+    states = 5 if recipe.calibration.inputs == "converted" else 3
+    parts.update({"embeddings (float32)": outside * 4, "calibration states": states * tokens * d * 4, "FFN as read": ffn_source_bytes})
     steps = {"capture (layer float32 + activations)": layer * 4 + 3 * min(tokens, CAPTURE_BATCH * recipe.calibration.seqlen) * d_ff * 4,
              "partition/router activations": ffn32 + ACTIVATION_ARRAYS * tokens * d_ff * 4,
              "write (MoE block + output)": ffn32 + 2 * layer_out_bytes}
@@ -93,7 +95,8 @@ def layer_flops(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, layer: in
     if not tokens:
         return {}
     ffn_forward = 6 * tokens * d * d_ff  # gate, up, down
-    flops = {"capture": 2 * layer * tokens + 2 * tokens * seqlen * d}
+    passes = 3 if recipe.calibration.inputs == "converted" else 1  # dense stream, converted stream, and its advance
+    flops = {"capture": passes * (2 * layer * tokens + 2 * tokens * seqlen * d)}
     if partition_reads_calibration:  # one activation pass over at most 16K tokens; the methods' own iterations vary
         flops["partition"] = ffn_forward * min(1.0, 16384 / tokens)
     if recipe.trains_router:

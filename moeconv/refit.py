@@ -243,12 +243,13 @@ def refit_with_holdout(train: NormalEquations, held: HeldOut, w0: Tensor, damps:
 
 @torch.no_grad()
 def refit_down(ffn: DenseFFN, order: Tensor, gates_fn, x: Tensor, config: RefitConfig,
-               device: torch.device | str | None = None) -> tuple[DenseFFN, dict[str, float]]:
+               device: torch.device | str | None = None, offset: Tensor | None = None) -> tuple[DenseFFN, dict[str, float]]:
     """The FFN with its down projection refitted, and held-out metrics.
 
     order [d_ff]: dense neuron ids in block order; gates_fn(x [T, d]) -> [T, d_ff] the routing weight
     of each neuron (block order) for those tokens, on x's device. x [T, d]: the layer's captured FFN inputs,
     window by window. device: where the refit computes (default: x's); the returned FFN stays where ffn was.
+    offset [T, d]: added to the target (the dense FFN's output on x), e.g. the gap to the dense layer's output.
     """
     device = torch.device(device) if device is not None else x.device
     total = x.shape[0]
@@ -266,7 +267,8 @@ def refit_down(ffn: DenseFFN, order: Tensor, gates_fn, x: Tensor, config: RefitC
         for chunk in rows.split(config.chunk):
             xc = x[chunk].to(device, torch.float32)
             h = sub.intermediate(xc)  # [t, N]
-            stats[part].add(h * gates_fn(xc), h @ w0.T)  # target: the dense FFN output (without its bias)
+            target = h @ w0.T if offset is None else h @ w0.T + offset[chunk].to(device, torch.float32)
+            stats[part].add(h * gates_fn(xc), target)  # the dense FFN output (without its bias) [+ offset]
     fitted, metrics = refit_with_holdout(stats["train"], stats["held"], w0, config.damp)
     if not metrics["refit_kept"]:
         return ffn, metrics

@@ -30,6 +30,7 @@ class LayerContext:
     moe: dict
     generator: torch.Generator
     calib: Tensor | None = None  # [T, d] FFN inputs captured on calibration text
+    gap: Tensor | None = None  # [T, d] dense layer output minus the converted stream's: added to the refit's target
     shared: Tensor | None = None  # [shared_size] dense neuron ids, always active
     routed: Tensor | None = None  # [d_ff - shared_size] dense neuron ids, in expert order
     pool: Tensor | None = None  # [d_ff - shared_size] dense neuron ids open to the partition
@@ -110,7 +111,7 @@ def refit_layer(ctx: LayerContext) -> None:
         return neuron_gates(ids, weights, moe["expert_size"], moe["num_experts"], moe.get("shared_size", 0))
 
     order = torch.cat([ctx.shared, ctx.routed])
-    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit, device=ctx.device)
+    ctx.ffn, metrics = refit_down(ctx.ffn, order, gates, ctx.calib, recipe.refit, device=ctx.device, offset=ctx.gap)
     ctx.metrics.update(metrics)
 
 

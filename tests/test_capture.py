@@ -22,4 +22,4 @@ def test_layer_by_layer_states_equal_the_model_with_dropout_in_the_config(family
     layers = reader.config.num_hidden_layers
     for i in range(layers - 1):  # the last entry of hidden_states has the final norm applied
         runner.run_layer(i, capture=False)
-        torch.testing.assert_close(runner.state(), expected[i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runner.state()["hidden"], expected[i + 1], rtol=1e-5, atol=1e-5)

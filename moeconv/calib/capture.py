@@ -71,8 +71,9 @@ class LayerRunner:
     """Walks the dense model layer by layer: hidden states in, FFN inputs and hidden states out."""
 
     def __init__(self, reader: CheckpointReader, adapter: FamilyAdapter | None, windows: torch.Tensor, batch_size: int = 8,
-                 device: torch.device = torch.device("cpu"), ffn_path: str | None = None):
-        """`ffn_path` ("model.layers.{i}.mlp") replaces the adapter's, e.g. for a moeconv checkpoint (adapter None)."""
+                 device: torch.device = torch.device("cpu"), ffn_path: str | None = None, converted_stream: bool = False):
+        """`ffn_path` ("model.layers.{i}.mlp") replaces the adapter's, e.g. for a moeconv checkpoint (adapter None).
+        `converted_stream`: also carry the hidden states of the converted model (run_converted / advance_converted)."""
         self.reader, self.adapter, self.device = reader, adapter, device
         ffn_path = ffn_path or adapter.ffn_path
         config = reader.config
@@ -95,6 +96,8 @@ class LayerRunner:
                 set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
         self.batches = list(windows.split(batch_size))
         self.hidden, self.layer_args = self._catch_inputs()
+        # The hidden states that the layers converted so far produce (None: calibrate on the dense model's alone).
+        self.converted = [h.clone() for h in self.hidden] if converted_stream else None
 
     def _catch_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
         """Embeddings of every batch, and the per-layer extra arguments for each batch shape."""
@@ -117,22 +120,27 @@ class LayerRunner:
                 self.layers[i] = layer
         return hidden, args_by_size
 
-    def materialize(self, index: int) -> torch.nn.Module:
-        """Layer `index` with its source weights (fp32, on the device); release() puts it back on meta."""
+    def materialize(self, index: int, skip: str | None = None) -> torch.nn.Module:
+        """Layer `index` with its source weights (fp32, on the device), except those under submodule `skip`;
+        release() puts it back on meta."""
         prefix = f"{self.layer_prefix}.{index}."
         layer = self.layers[index]
         for name, _ in list(layer.named_parameters()):
-            set_module_tensor_to_device(self.model, prefix + name, self.device, value=self.reader.get(prefix + name).float())
+            if skip is None or not name.startswith(skip + "."):
+                set_module_tensor_to_device(self.model, prefix + name, self.device, value=self.reader.get(prefix + name).float())
         return layer
 
     def release(self, index: int) -> None:
         self.layers[index].to("meta")
 
-    def forward(self, index: int, layer: torch.nn.Module, update: bool = True) -> None:
-        """Run `layer` (materialized, possibly modified) on every batch; with `update`, its outputs become the
-        hidden states entering the next layer. Hooks may raise StopLayer to end a batch early (update=False)."""
+    def forward(self, index: int, layer: torch.nn.Module, update: bool = True, stream: list[torch.Tensor] | None = None,
+                keep: list[torch.Tensor] | None = None) -> None:
+        """Run `layer` (materialized, possibly modified) on every batch of `stream` (default: the dense stream); with
+        `update`, its outputs become the hidden states entering the next layer; `keep` collects them (on CPU).
+        Hooks may raise StopLayer to end a batch early (update=False)."""
+        stream = self.hidden if stream is None else stream
         with torch.inference_mode():
-            for b, h in enumerate(self.hidden):
+            for b, h in enumerate(stream):
                 args, kwargs = self.layer_args[h.shape[0]][index]
                 try:
                     out = layer(h.to(self.device), *args, **kwargs)
@@ -140,17 +148,21 @@ class LayerRunner:
                     if update:
                         raise
                     continue
+                out = (out[0] if isinstance(out, tuple) else out).cpu()
                 if update:
-                    self.hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+                    stream[b] = out
+                if keep is not None:
+                    keep.append(out)
+
+    def _capture_ffn_inputs(self, layer: torch.nn.Module, captured: list[torch.Tensor]):
+        ffn = layer.get_submodule(self.ffn_suffix)
+        return ffn.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]).cpu()))
 
     def run_layer(self, index: int, capture: bool = True) -> torch.Tensor | None:
         """Advance the hidden states through layer `index`; return its FFN inputs [T, d] (on CPU)."""
         layer = self.materialize(index)
         captured: list[torch.Tensor] = []
-        hook = None
-        if capture:
-            ffn = layer.get_submodule(self.ffn_suffix)
-            hook = ffn.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]).cpu()))
+        hook = self._capture_ffn_inputs(layer, captured) if capture else None
         try:
             self.forward(index, layer)
         finally:
@@ -159,10 +171,51 @@ class LayerRunner:
             self.release(index)
         return torch.cat(captured) if capture else None
 
-    def state(self) -> torch.Tensor:
-        """Hidden states entering the next layer, for resume.  [n, seqlen, d]"""
-        return torch.cat(self.hidden)
+    def run_converted(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense layer `index` on both streams: the dense stream advances through it, the converted one only passes.
+        Returns the converted stream's FFN inputs [T, d] and the gap [T, d] = dense stream's layer output minus the
+        converted stream's with the dense FFN: what this layer's FFN would have to add to undo the earlier layers' error
+        (exact for families that add the FFN output to the residual stream as is). Call advance_converted next."""
+        layer = self.materialize(index)
+        captured: list[torch.Tensor] = []
+        passed: list[torch.Tensor] = []
+        try:
+            self.forward(index, layer)
+            hook = self._capture_ffn_inputs(layer, captured)
+            try:
+                self.forward(index, layer, update=False, stream=self.converted, keep=passed)
+            finally:
+                hook.remove()
+        finally:
+            self.release(index)
+        d = self.hidden[0].shape[-1]
+        gap = torch.cat([(dense - conv).reshape(-1, d) for dense, conv in zip(self.hidden, passed)])
+        return torch.cat(captured), gap
 
-    def restore(self, hidden: torch.Tensor) -> None:
+    def advance_converted(self, index: int, ffn: torch.nn.Module) -> None:
+        """The converted stream through layer `index` with `ffn` (the converted block) in place of the dense FFN."""
+        layer = self.materialize(index, skip=self.ffn_suffix)
+        parent_name, _, child = self.ffn_suffix.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        dense_ffn = getattr(parent, child)
+        setattr(parent, child, ffn.to(self.device))
+        try:
+            self.forward(index, layer, stream=self.converted)
+        finally:
+            setattr(parent, child, dense_ffn)
+            self.release(index)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Hidden states entering the next layer, for resume: "hidden" [n, seqlen, d], and "converted" when carried."""
+        state = {"hidden": torch.cat(self.hidden)}
+        if self.converted is not None:
+            state["converted"] = torch.cat(self.converted)
+        return state
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
         sizes = [h.shape[0] for h in self.hidden]
-        self.hidden = list(hidden.split(sizes))
+        self.hidden = list(state["hidden"].split(sizes))
+        if self.converted is not None:
+            if "converted" not in state:
+                raise ValueError("internal: the saved calibration state has no converted stream")
+            self.converted = list(state["converted"].split(sizes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_serializer, field_validator
+from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from moeconv.config.base import Strict, load_yaml_recipe, parse_size
 from moeconv.config.dag import DagConfig
@@ -24,6 +24,10 @@ class CalibrationSpec(Strict):
     tokens: int = Field(16384, ge=1)
     seqlen: int = Field(512, ge=8)
     text_field: str = "text"
+    # dense: every layer is calibrated on the dense model's hidden states. converted: on the states that the layers
+    # converted before it produce, i.e. on the inputs it will see in the converted model (as GPTQ quantizes layer by
+    # layer); the dense stream is carried beside it for refit.target: layer. Costs two more layer passes per layer.
+    inputs: Literal["dense", "converted"] = "dense"
 
 
 class ConvertRecipe(Strict):
@@ -55,6 +59,13 @@ class ConvertRecipe(Strict):
     def _refit_switch(cls, v: Any) -> Any:
         """`refit: false` turns the stage off, `refit: true` keeps its defaults."""
         return (RefitConfig() if v else None) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _refit_target(self) -> ConvertRecipe:
+        if self.refit is not None and self.refit.target == "layer" and self.calibration.inputs != "converted":
+            raise ValueError("refit.target: layer corrects the error that earlier converted layers leave, which only "
+                             "calibration.inputs: converted measures; set both, or use refit.target: ffn")
+        return self
 
     @field_validator("dag")
     @classmethod

@@ -27,6 +27,7 @@ class FamilyAdapter:
     bias_key: str | None = None  # config flag saying the FFN linears have biases
     always_bias: bool = False
     d_ff_keys: tuple[str, ...] = ("intermediate_size",)
+    ffn_output_added: bool = True  # False: a norm sits between the FFN output and the residual add (olmo2, gemma2/3)
 
     @property
     def gated(self) -> bool:
@@ -94,11 +95,13 @@ ADAPTERS: dict[str, FamilyAdapter] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": FamilyAdapter(ffn_path="model.layers.{i}.mlp", bias_key="mlp_bias", ffn_output_added=False),
     "granite": _LLAMA_LIKE,
     "gemma": FamilyAdapter(ffn_path="model.layers.{i}.mlp", activation_keys=("hidden_activation", "hidden_act")),
-    "gemma2": FamilyAdapter(ffn_path="model.layers.{i}.mlp", activation_keys=("hidden_activation", "hidden_act")),
-    "gemma3_text": FamilyAdapter(ffn_path="model.layers.{i}.mlp", activation_keys=("hidden_activation", "hidden_act")),
+    "gemma2": FamilyAdapter(ffn_path="model.layers.{i}.mlp", activation_keys=("hidden_activation", "hidden_act"),
+                            ffn_output_added=False),
+    "gemma3_text": FamilyAdapter(ffn_path="model.layers.{i}.mlp", activation_keys=("hidden_activation", "hidden_act"),
+                                 ffn_output_added=False),
     "phi3": FamilyAdapter(ffn_path="model.layers.{i}.mlp", gate=None, fused_gate_up="gate_up_proj"),
     "gpt2": FamilyAdapter(
         ffn_path="transformer.h.{i}.mlp",
