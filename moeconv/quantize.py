@@ -25,7 +25,7 @@ from moeconv.io.layout import output_config
 from moeconv.io.load import load_tokenizer
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, plan_shards, shard_name
-from moeconv.jobs import ProgressEvent, ProgressFn, check_destination, fingerprint, provenance, run_job, write_checkpoint_files
+from moeconv.jobs import ProgressEvent, ProgressFn, check_destination, check_disk, check_memory, fingerprint, provenance, run_job, write_checkpoint_files
 from moeconv.modeling.hf.quant_linear import LAYOUT_VERSION, SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor
@@ -164,6 +164,11 @@ def quantize(
     if dry_run:
         return plan
     check_destination(src, out, force)
+    scratch = plan.calibration_tokens * int(reader.config.hidden_size) * 4  # the hidden states kept for --resume
+    check_disk(out, plan.output_bytes + scratch, resume)
+    check_memory(plan.peak_bytes_estimate, f"{plan.calibration_tokens} calibration tokens, the largest layer and a shard",
+                 "lower --calib-tokens or --max-shard-size, or free memory" if plan.calibration_tokens else
+                 "lower --max-shard-size, or free memory")
     windows, calib_fp = None, "none"
     if recipe.needs_calibration:
         progress(ProgressEvent("tokenizing calibration text"))
@@ -189,7 +194,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
         runner = LayerRunner(reader, None, windows, batch_size=recipe.batch_size, device=device, ffn_path=ctx["moe"]["ffn_path"])
         resume_state = partial.path / f"hidden-{first_layer}.safetensors"
         if first_layer > 0 and resume_state.is_file():
-            runner.restore(load_file(str(resume_state))["hidden"])
+            runner.restore(load_file(str(resume_state)))
         elif first_layer > 0:
             raise CheckpointError(f"{partial.path} lacks the saved hidden states of layer {first_layer}; rerun without --resume")
     metrics: dict[str, dict] = json.loads(json.dumps(partial.state.get("layers", {})))  # a private copy: sub1 edits it
@@ -210,7 +215,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
         progress(ProgressEvent("writing " + names[s]))
         last_layer = max(plan.shards[s]) - 1
         if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
-            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", {"hidden": runner.state()})
+            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", runner.state())
         partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
         partial.write_shard(names[s], tensors)
         for stale in partial.path.glob("hidden-*.safetensors"):

@@ -89,3 +89,41 @@ def test_dry_run_predicts_memory_by_part_and_time_per_layer(source, tmp_path):
     table = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2",
                                      "--calib", str(text), "--calib-tokens", "2048", "--seqlen", "64", "--dry-run"])
     assert "calibration states" in table.stdout and "s estimated" in table.stdout and "GFLOP/s" in table.stdout
+
+
+def test_converted_inputs_plan_two_streams(source, tmp_path):
+    """calibration.inputs: converted carries a second stream and the gap: more memory, more capture work, and twice the
+    resume states on disk."""
+    src, text = source
+    dense = convert(str(src), tmp_path / "x", _recipe(text), dry_run=True)
+    conv = convert(str(src), tmp_path / "x", _recipe(text).model_copy(update={
+        "calibration": _recipe(text).calibration.model_copy(update={"inputs": "converted"})}), dry_run=True)
+    assert conv.memory_parts["calibration states"] == 5 * 2048 * conv.d_model * 4
+    assert conv.scratch_bytes == 2 * dense.scratch_bytes
+    assert conv.layer_flops["capture"] == pytest.approx(3 * dense.layer_flops["capture"])
+
+
+def _quantize_args(src, out, text):
+    return ["quantize", str(src), str(out), "--bits", "4", "--group-size", "8", "--calib", str(text), "--calib-tokens", "512",
+            "--seqlen", "64"]
+
+
+def test_quantize_refuses_before_compute_without_disk_or_memory(source, tmp_path, monkeypatch):
+    import moeconv.quantize as quantize_module
+
+    src, text = source
+    out = tmp_path / "q"
+    monkeypatch.setattr(quantize_module, "run_job", lambda *a, **k: pytest.fail("compute started"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 1000, 1000))
+    result = CliRunner().invoke(app, _quantize_args(src, out, text))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: not enough disk space"), result.output
+    assert _nothing_written(out)
+    monkeypatch.undo()
+    monkeypatch.setattr(quantize_module, "run_job", lambda *a, **k: pytest.fail("compute started"))
+    monkeypatch.setattr(runner, "available_memory", lambda: 1)
+    result = CliRunner().invoke(app, _quantize_args(src, out, text))
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]  # progress lines come first on the terminal
+    assert line.startswith("error: not enough memory") and "lower --calib-tokens" in line, result.output
+    assert _nothing_written(out)
