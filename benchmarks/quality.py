@@ -14,7 +14,8 @@ Shakespeare train tokens: the same budget for every healed row. Every MoE row an
 get the same least-squares refit of the down projections (moeconv.refit; --no-refit turns it off
 for all rows). "X+seq" calibrates each layer on the
 hidden states of the layers converted before it (calibration.inputs: converted), "X+seqgap" also refits each layer
-towards the dense layer's output (refit.target: layer). "X+dag" adds a DAG-MoE aggregator
+towards the dense layer's output (refit.target: layer); "X+mix" calibrates on the built-in three-domain mix
+(Shakespeare train, the Python Language Reference, the Python standard library's code) instead of Shakespeare alone. "X+dag" adds a DAG-MoE aggregator
 to row X's checkpoint (`moeconv dag`, defaults: layer-local), distilled on the same calibration budget; "X+dagkl"
 trains the aggregators end to end instead (`--objective kl`: KL to the dense logits, same calibration windows);
 "X+ftkl" is its control: the same end-to-end step training row X's own weights (routers fixed) instead. "cmoe" (arXiv
@@ -56,16 +57,20 @@ TRAINING_FREE = ("cmoe", "expertweaver")  # published carvings that build their 
 
 
 def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
-    base = method.removesuffix("+shared").removesuffix("+seq").removesuffix("+seqgap")
+    base, *flags = method.split("+")
+    unknown = set(flags) - {"shared", "seq", "seqgap", "mix"}
+    if unknown:
+        raise SystemExit(f"unknown row option(s) {sorted(unknown)} in '{method}'")
     recipe = {"experts": experts, "top_k": top_k, "partition": {"method": base},
-              "calibration": {"source": "shakespeare", "tokens": args.calib_tokens, "seqlen": 512}, "seed": args.seed}
-    if method.endswith(("+seq", "+seqgap")):  # each layer calibrated on the converted layers' outputs
-        recipe["calibration"]["inputs"] = "converted"
-    if method.endswith("+seqgap"):  # ... and refitted towards the dense layer's output
-        recipe["refit"] = {"target": "layer"}
-    if method.endswith("+shared"):  # one expert's worth of always-active neurons, same active count
+              "calibration": {"source": "mix" if "mix" in flags else "shakespeare", "tokens": args.calib_tokens,
+                              "seqlen": 512}, "seed": args.seed}
+    if "shared" in flags:  # one expert's worth of always-active neurons, same active count
         recipe.update(experts=experts - 1, top_k=top_k - 1, shared_neurons=1536 // experts)
-    if method in TRAINING_FREE:  # the papers' shape SkAkE2E (CMoE's default S2A2E16 at 8x2): experts of d_ff/2E,
+    if "seq" in flags or "seqgap" in flags:  # each layer calibrated on the converted layers' outputs
+        recipe["calibration"]["inputs"] = "converted"
+    if "seqgap" in flags:  # ... and refitted towards the dense layer's output
+        recipe["refit"] = {"target": "layer"}
+    if base in TRAINING_FREE:  # the papers' shape SkAkE2E (CMoE's default S2A2E16 at 8x2): experts of d_ff/2E,
         # k of them shared, top-k of the other 2E-k; same active count as the row's E x k
         recipe.update(experts=2 * experts - top_k, shared_neurons=1536 * top_k // (2 * experts), train_router=False)
     return recipe

