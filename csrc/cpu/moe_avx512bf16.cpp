@@ -148,6 +148,7 @@ inline __m512 exp_ps(__m512 x) {
 // activate() on 16 lanes: silu and relu vectorized (NaN stays NaN), the erf/tanh GELUs per lane.
 inline __m512 activate_ps(__m512 g, int activation) {
   if (activation == kSilu) return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  if (activation == kIdentity) return g;
   if (activation == kRelu) return _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, g);
@@ -213,12 +214,11 @@ void up_rows_bf16(const DecodeArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// out columns [begin, end) of d: zero, accumulate every active expert's down rows . h_bf16, write bf16.
+// out columns [begin, end) of d: zero (unless accumulating), add every active expert's down rows . h_bf16, write bf16.
 void down_cols_bf16(const DecodeArgs& a, int64_t begin, int64_t end) {
   const uint16_t* const hb = static_cast<const uint16_t*>(a.h_bf16);
   const uint16_t* hs[kMaxPairsPerTile];
-  for (int64_t t = 0; t < a.T; ++t)
-    for (int64_t i = begin; i < end; ++i) a.acc[t * a.d + i] = 0.0f;
+  start_cols(a, begin, end);
   for (int64_t ai = 0; ai < a.n_active; ++ai) {
     const int64_t e = a.active[ai];
     const int64_t p0 = a.pair_start[ai], np = a.pair_start[ai + 1] - p0;
@@ -239,9 +239,7 @@ void down_cols_bf16(const DecodeArgs& a, int64_t begin, int64_t end) {
       });
     }
   }
-  uint16_t* out = static_cast<uint16_t*>(a.out);
-  for (int64_t t = 0; t < a.T; ++t)
-    for (int64_t i = begin; i < end; ++i) out[t * a.d + i] = float_to_bf16(a.acc[t * a.d + i]);
+  finish_cols(a, begin, end);
 }
 
 void up_rows_any(const DecodeArgs& a, int64_t begin, int64_t end) {

@@ -6,7 +6,8 @@
 
 namespace moeconv_cpu {
 
-enum Activation : int { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
+// kIdentity is internal: the router product runs as a non-gated up pass with no activation (moe_block.cpp).
+enum Activation : int { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kIdentity = 4 };
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // Decode ("streaming") problem: every active expert's weights are read once for all the
@@ -30,14 +31,17 @@ struct DecodeArgs {
   float* h = nullptr;                   // [P, s] float32 scratch (intermediate activations)
   void* h_bf16 = nullptr;               // [P, s] bfloat16 activations, only for bf16_operands kernels
   float* acc = nullptr;                 // [T, d] float32 accumulator (may alias out for float32)
-  void* out = nullptr;                  // [T, d] dtype
+  void* out = nullptr;                  // [T, d] dtype; null: the sum stays in acc for a later problem to add to
+  // A block's shared expert is its own problem (its s differs) summed into the same acc before the routed one:
+  bool accumulate = false;              // down_cols adds to acc instead of zeroing it first
+  const float* out_bias = nullptr;      // [d] float32 added once as out is written, or null
 };
 
 struct KernelTable {
   const char* isa;
   // h rows for the flattened (active expert, intermediate row) range [begin, end) of n_active * s.
   void (*up_rows)(const DecodeArgs&, int64_t begin, int64_t end);
-  // out columns [begin, end) of d: zero, accumulate every active expert, write out.
+  // out columns [begin, end) of d: zero (unless accumulate), add every active expert, write out (if any).
   void (*down_cols)(const DecodeArgs&, int64_t begin, int64_t end);
   // bf16 problems: the kernel reads x_bf16 and writes/reads h_bf16 (dot products of bf16 pairs)
   // instead of the float32 x; the caller then allocates h_bf16.

@@ -36,6 +36,7 @@ inline float activate(float g, int activation) {
       return 0.5f * g * (1.0f + std::tanh(inner));
     }
     case kGelu: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+    case kIdentity: return g;
     default: return g > 0.0f ? g : (g < 0.0f ? 0.0f : g);  // keeps NaN as NaN
   }
 }
@@ -136,11 +137,28 @@ void up_rows_t(const DecodeArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// down_cols' first step: zero acc's columns [begin, end), unless an earlier problem's sum is there to add to.
+inline void start_cols(const DecodeArgs& a, int64_t begin, int64_t end) {
+  if (a.accumulate) return;
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t i = begin; i < end; ++i) a.acc[t * a.d + i] = 0.0f;
+}
+
+// down_cols' last step: acc's columns [begin, end) (+ out_bias) to out in its dtype; no out: a later problem adds.
+inline void finish_cols(const DecodeArgs& a, int64_t begin, int64_t end) {
+  if (a.out == nullptr || (a.out_bias == nullptr && a.dtype == kFloat32 && static_cast<void*>(a.acc) == a.out)) return;
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = a.acc[t * a.d + i] + (a.out_bias ? a.out_bias[i] : 0.0f);
+      if (a.dtype == kBFloat16) static_cast<uint16_t*>(a.out)[t * a.d + i] = float_to_bf16(v);
+      else static_cast<float*>(a.out)[t * a.d + i] = v;
+    }
+}
+
 template <typename W>
 void down_cols_t(const DecodeArgs& a, int64_t begin, int64_t end) {
   const float* hs[kMaxPairsPerTile];
-  for (int64_t t = 0; t < a.T; ++t)
-    for (int64_t i = begin; i < end; ++i) a.acc[t * a.d + i] = 0.0f;
+  start_cols(a, begin, end);
   for (int64_t ai = 0; ai < a.n_active; ++ai) {
     const int64_t e = a.active[ai];
     const int64_t p0 = a.pair_start[ai], np = a.pair_start[ai + 1] - p0;
@@ -158,15 +176,7 @@ void down_cols_t(const DecodeArgs& a, int64_t begin, int64_t end) {
       });
     }
   }
-  if (a.dtype == kBFloat16) {
-    uint16_t* out = static_cast<uint16_t*>(a.out);
-    for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t i = begin; i < end; ++i) out[t * a.d + i] = float_to_bf16(a.acc[t * a.d + i]);
-  } else if (static_cast<void*>(a.acc) != a.out) {
-    float* out = static_cast<float*>(a.out);
-    for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t i = begin; i < end; ++i) out[t * a.d + i] = a.acc[t * a.d + i];
-  }
+  finish_cols(a, begin, end);
 }
 
 inline void up_rows(const DecodeArgs& a, int64_t begin, int64_t end) {

@@ -1,5 +1,6 @@
 // Torch bindings of the CPU kernels: top-k routing and the MoE feed-forward, registered as
-// moeconv_C::route_out / moeconv_C::moe_ffn_out (the public moeconv:: ops call these).
+// moeconv_C::route_out / moeconv_C::moe_ffn_out (the public moeconv:: ops call these); moe_block.cpp adds
+// moeconv_C::moe_block, a whole MoE block at decode, on the pieces declared in moe_ops.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
@@ -11,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "moe_cpu.h"
+#include "moe_ops.h"
 
 namespace moeconv_cpu {
 namespace {
@@ -51,14 +52,6 @@ const KernelTable*& active_table() {
     return table_generic();
   }();
   return table;
-}
-
-int activation_code(c10::string_view name) {
-  if (name == "silu") return kSilu;
-  if (name == "gelu_tanh") return kGeluTanh;
-  if (name == "gelu") return kGelu;
-  if (name == "relu") return kRelu;
-  TORCH_CHECK(false, "moe_ffn: unknown activation '", std::string(name), "'; expected silu, gelu_tanh, gelu or relu");
 }
 
 void activate_(at::Tensor& t, int activation) {
@@ -126,19 +119,20 @@ void route_out(const at::Tensor& logits, int64_t k, c10::string_view scoring, bo
   weights.copy_(wf);
 }
 
-struct Pairs {
-  std::vector<int64_t> active, start, token, src;  // src = t * k + j of each sorted pair
-  std::vector<float> weight;
-  int64_t max_per_expert = 0;
-};
+}  // namespace
 
-// Counting sort of the T * k (token, slot) pairs by expert; order inside an expert is (t, j).
-Pairs sort_pairs(const at::Tensor& ids, const at::Tensor& weights, int64_t E) {
-  const at::Tensor ic = ids.contiguous();
-  const at::Tensor wc = weights.to(at::kFloat).contiguous();
-  const int64_t P = ic.numel(), k = ic.size(1);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  const float* wp = wc.data_ptr<float>();
+const KernelTable* active_kernels() { return active_table(); }
+
+int activation_code(c10::string_view name) {
+  if (name == "silu") return kSilu;
+  if (name == "gelu_tanh") return kGeluTanh;
+  if (name == "gelu") return kGelu;
+  if (name == "relu") return kRelu;
+  TORCH_CHECK(false, "moe_ffn: unknown activation '", std::string(name), "'; expected silu, gelu_tanh, gelu or relu");
+}
+
+Pairs sort_pairs(const int64_t* ip, const float* wp, int64_t T, int64_t k, int64_t E) {
+  const int64_t P = T * k;
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "moe_ffn: expert id ", ip[p], " out of range [0, ", E, ")");
@@ -166,25 +160,36 @@ Pairs sort_pairs(const at::Tensor& ids, const at::Tensor& weights, int64_t E) {
   return pairs;
 }
 
+void check_experts(const at::Tensor& x, const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                   const at::Tensor& w_down) {
+  TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3, "moe_ffn: expected x [T, d], w_up [E, s, d], w_down [E, d, s]");
+  const int64_t d = x.size(1), E = w_up.size(0), s = w_up.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "moe_ffn (CPU): float32 or bfloat16 only");
+  TORCH_CHECK(w_up.sizes() == at::IntArrayRef({E, s, d}) && w_down.sizes() == at::IntArrayRef({E, d, s}),
+              "moe_ffn: w_up must be [E, s, d] and w_down [E, d, s]");
+  TORCH_CHECK(!w_gate.has_value() || w_gate->sizes() == w_up.sizes(), "moe_ffn: w_gate must match w_up");
+  TORCH_CHECK(w_up.scalar_type() == x.scalar_type() && w_down.scalar_type() == x.scalar_type() &&
+                  (!w_gate.has_value() || w_gate->scalar_type() == x.scalar_type()),
+              "moe_ffn: x and expert weights must share a dtype");
+}
+
 at::Tensor float_bias(const c10::optional<at::Tensor>& b, int64_t E, int64_t s, const char* name) {
   if (!b.has_value()) return at::Tensor();
   TORCH_CHECK(b->sizes() == at::IntArrayRef({E, s}), "moe_ffn: ", name, " must be [E, s]");
   return b->to(at::kFloat).contiguous();
 }
 
-void stream_path(const KernelTable* table, const at::Tensor& x, const Pairs& pairs, const at::Tensor& wg,
-                 const at::Tensor& wu, const at::Tensor& wd, const at::Tensor& bg, const at::Tensor& bu, int activation,
-                 at::Tensor& out) {
-  const int64_t T = x.size(0), d = x.size(1), s = wu.size(1);
-  const int64_t P = static_cast<int64_t>(pairs.token.size());
+StreamProblem::StreamProblem(const KernelTable* table, const at::Tensor& x, const Pairs& pairs, const at::Tensor& wg,
+                             const at::Tensor& wu, const at::Tensor& wd, const at::Tensor& bg, const at::Tensor& bu,
+                             int activation)
+    : operands{wg, wu, wd, bg, bu} {
+  const int64_t P = static_cast<int64_t>(pairs.token.size()), s = wu.size(1);
   // bf16-operand kernels dot bf16 x and a bf16 copy of h; the others read float32 x.
   const bool bf16_operands = x.scalar_type() == at::kBFloat16 && table->bf16_operands;
-  const at::Tensor xf = bf16_operands ? at::Tensor() : x.to(at::kFloat).contiguous();  // [T, d]
-  at::Tensor h = at::empty({P, s}, x.options().dtype(at::kFloat));                      // [P, s]
-  const at::Tensor hb = bf16_operands ? at::empty({P, s}, x.options()) : at::Tensor();  // [P, s] bf16
-  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty({T, d}, x.options().dtype(at::kFloat));
-  DecodeArgs a;
-  a.T = T, a.d = d, a.s = s, a.n_active = static_cast<int64_t>(pairs.active.size());
+  xf = bf16_operands ? at::Tensor() : x.to(at::kFloat).contiguous();  // [T, d]
+  h = at::empty({P, s}, x.options().dtype(at::kFloat));
+  hb = bf16_operands ? at::empty({P, s}, x.options()) : at::Tensor();
+  a.T = x.size(0), a.d = x.size(1), a.s = s, a.n_active = static_cast<int64_t>(pairs.active.size());
   a.dtype = x.scalar_type() == at::kBFloat16 ? kBFloat16 : kFloat32;
   a.activation = activation;
   a.active = pairs.active.data(), a.pair_start = pairs.start.data();
@@ -193,19 +198,36 @@ void stream_path(const KernelTable* table, const at::Tensor& x, const Pairs& pai
   a.x_bf16 = bf16_operands ? x.data_ptr() : nullptr;
   a.h_bf16 = bf16_operands ? hb.data_ptr() : nullptr;
   a.w_gate = wg.defined() ? wg.data_ptr() : nullptr;
-  a.w_up = wu.data_ptr(), a.w_down = wd.data_ptr();
+  a.w_up = wu.data_ptr(), a.w_down = wd.defined() ? wd.data_ptr() : nullptr;
   a.b_gate = bg.defined() ? bg.data_ptr<float>() : nullptr;
   a.b_up = bu.defined() ? bu.data_ptr<float>() : nullptr;
-  a.h = h.data_ptr<float>(), a.acc = acc.data_ptr<float>(), a.out = out.data_ptr();
-  // Two phases split by output rows: intermediate rows of every active expert, then model dims.
-  const int64_t up_blocks = (a.n_active * s + kBlock - 1) / kBlock;
-  at::parallel_for(0, up_blocks, 1, [&](int64_t b0, int64_t b1) {
-    table->up_rows(a, b0 * kBlock, std::min(b1 * kBlock, a.n_active * s));
+  a.h = h.data_ptr<float>();
+}
+
+// Two phases split by output rows: intermediate rows of every active expert, then model dims.
+void StreamProblem::up(const KernelTable* table) const {
+  const int64_t rows = a.n_active * a.s;
+  at::parallel_for(0, (rows + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    table->up_rows(a, b0 * kBlock, std::min(b1 * kBlock, rows));
   });
-  const int64_t down_blocks = (d + kBlock - 1) / kBlock;
-  at::parallel_for(0, down_blocks, 1, [&](int64_t b0, int64_t b1) {
-    table->down_cols(a, b0 * kBlock, std::min(b1 * kBlock, d));
+}
+
+void StreamProblem::down(const KernelTable* table) const {
+  at::parallel_for(0, (a.d + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    table->down_cols(a, b0 * kBlock, std::min(b1 * kBlock, a.d));
   });
+}
+
+namespace {
+
+void stream_path(const KernelTable* table, const at::Tensor& x, const Pairs& pairs, const at::Tensor& wg,
+                 const at::Tensor& wu, const at::Tensor& wd, const at::Tensor& bg, const at::Tensor& bu, int activation,
+                 at::Tensor& out) {
+  StreamProblem problem(table, x, pairs, wg, wu, wd, bg, bu, activation);
+  at::Tensor acc = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), x.options().dtype(at::kFloat));
+  problem.a.acc = acc.data_ptr<float>(), problem.a.out = out.data_ptr();
+  problem.up(table);
+  problem.down(table);
 }
 
 void gemm_path(const at::Tensor& x, const Pairs& pairs, const at::Tensor& wg, const at::Tensor& wu,
@@ -267,20 +289,14 @@ void moe_ffn_out(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w
                  const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                  c10::string_view activation, const c10::optional<at::Tensor>& b_gate,
                  const c10::optional<at::Tensor>& b_up, int64_t path, at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3, "moe_ffn: expected x [T, d], w_up [E, s, d], w_down [E, d, s]");
-  const int64_t T = x.size(0), d = x.size(1), E = w_up.size(0), s = w_up.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "moe_ffn (CPU): float32 or bfloat16 only");
-  TORCH_CHECK(w_up.sizes() == at::IntArrayRef({E, s, d}) && w_down.sizes() == at::IntArrayRef({E, d, s}),
-              "moe_ffn: w_up must be [E, s, d] and w_down [E, d, s]");
-  TORCH_CHECK(!w_gate.has_value() || w_gate->sizes() == w_up.sizes(), "moe_ffn: w_gate must match w_up");
-  TORCH_CHECK(w_up.scalar_type() == x.scalar_type() && w_down.scalar_type() == x.scalar_type() &&
-                  (!w_gate.has_value() || w_gate->scalar_type() == x.scalar_type()),
-              "moe_ffn: x and expert weights must share a dtype");
+  check_experts(x, w_gate, w_up, w_down);
+  const int64_t T = x.size(0), E = w_up.size(0), s = w_up.size(1);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == at::kLong, "moe_ffn: ids must be int64 [T, k]");
   TORCH_CHECK(weights.sizes() == ids.sizes(), "moe_ffn: weights must be [T, k] like ids");
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "moe_ffn: out must be [T, d] in x's dtype");
   const int act = activation_code(activation);
-  const Pairs pairs = sort_pairs(ids, weights, E);
+  const at::Tensor ic = ids.contiguous(), wc = weights.to(at::kFloat).contiguous();
+  const Pairs pairs = sort_pairs(ic.data_ptr<int64_t>(), wc.data_ptr<float>(), T, ids.size(1), E);
   at::Tensor o = out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
   if (T == 0) return;
   const at::Tensor xc = x.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
