@@ -15,6 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_SOURCES = (
     "csrc/cpu/moe_ops.cpp",
+    "csrc/cpu/moe_block.cpp",
     "csrc/cpu/moe_avx512bf16.cpp",
     "csrc/cpu/moe_avx512.cpp",
     "csrc/cpu/moe_avx2.cpp",
@@ -24,7 +25,7 @@ CPU_SOURCES = (
     "csrc/cpu/quant_avx2.cpp",
     "csrc/cpu/quant_generic.cpp",
 )
-CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h", "csrc/cpu/quant_cpu.h", "csrc/cpu/quant_cpu_impl.h", "csrc/cpu/quant_rows_impl.h",
+CPU_HEADERS = ("csrc/cpu/moe_cpu.h", "csrc/cpu/moe_cpu_impl.h", "csrc/cpu/moe_ops.h", "csrc/cpu/quant_cpu.h", "csrc/cpu/quant_cpu_impl.h", "csrc/cpu/quant_rows_impl.h",
                "csrc/cpu/quant_x86.h")
 CUDA_SOURCES = ("csrc/cuda/moe_cuda_ops.cpp", "csrc/cuda/moe_cuda_kernels.cu")
 CUDA_HEADERS = ("csrc/cuda/moe_cuda.h",)
