@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from moeconv.kernels import native, quant_api, reference
 from moeconv.kernels.api import KernelInputError, moe_ffn, route
-from moeconv.kernels.block import fused_moe_ffn
+from moeconv.kernels.block import fused_moe_block, fused_moe_ffn
 from moeconv.kernels.reference import ACTIVATIONS, SCORINGS
 
-__all__ = ["ACTIVATIONS", "SCORINGS", "KernelInputError", "fused_moe_ffn", "kernel_status", "moe_ffn", "reference", "route"]
+__all__ = ["ACTIVATIONS", "SCORINGS", "KernelInputError", "fused_moe_block", "fused_moe_ffn", "kernel_status", "moe_ffn",
+           "reference", "route"]
 
 
 def kernel_status() -> dict[str, str]:

@@ -15,6 +15,10 @@ try:  # the fused kernels, present only where moeconv itself is installed
     from moeconv.kernels import fused_moe_ffn as _fused_moe_ffn
 except Exception:  # noqa: BLE001 - any failure means: use the reference path
     _fused_moe_ffn = None
+try:  # the whole block in one call at decode, where the installed moeconv has it (this file is copied into checkpoints)
+    from moeconv.kernels import fused_moe_block as _fused_moe_block
+except Exception:  # noqa: BLE001 - any failure means: the per-op path
+    _fused_moe_block = None
 
 
 class MoeconvExpert(nn.Module):
@@ -103,6 +107,13 @@ class MoeconvMoeBlock(nn.Module):
         return out
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Decode: the whole block in one native call (the Python around the expert op cost as much as the op).
+        # _fused_moe_ffn set to None (no moeconv here, or a test's reference run) turns this path off too.
+        if (_fused_moe_block is not None and _fused_moe_ffn is not None and self.dag is None and self.use_fused_kernel
+                and not torch.is_grad_enabled()):
+            y = _fused_moe_block(self, hidden_states)
+            if y is not None:
+                return y
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, d]
         ids, weights = self.route(x)
