@@ -5,7 +5,8 @@ it: routing, the packing check, dispatch) vs everything else (attention, norms, 
 
 Each model decodes --tokens greedy tokens after a 64-token prompt, best of --repeats (per-token times from the
 streamer, prefill excluded).  A second, instrumented pass times every MoE block call and every call of the native
-op during decode (wall clock; the wrappers add ~1 us per call, so the parts are scaled to the uninstrumented time).
+ops (moe_block, moe_ffn_out) during decode (wall clock; the wrappers add ~1 us per call, so the parts are scaled to the
+uninstrumented time).
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def _profile(model, prompt: torch.Tensor, tokens: int) -> dict[str, float]:
     blocks, op = _Timer(), _Timer()
     moe_blocks = [m for m in model.modules() if type(m).__name__ == "MoeconvMoeBlock"]
     originals = [(b, b.forward) for b in moe_blocks]
-    namespace = torch.ops.moeconv_C  # the native op is looked up there on every call: wrapping it times each call
-    native = namespace.moe_ffn_out if moe_blocks else None
+    namespace = torch.ops.moeconv_C  # the native ops are looked up there on every call: wrapping them times each call
+    # moe_block: the whole block at decode (router, routing, experts); moe_ffn_out: the experts alone (prefill, or a
+    # block that moe_block does not take)
+    natives = {name: getattr(namespace, name) for name in ("moe_ffn_out", "moe_block")} if moe_blocks else {}
 
     def decoding() -> None:
         blocks.on = op.on = True
@@ -77,14 +80,14 @@ def _profile(model, prompt: torch.Tensor, tokens: int) -> dict[str, float]:
     try:
         for b, forward in originals:
             b.forward = blocks.wrap(forward)
-        if native is not None:
-            namespace.moe_ffn_out = op.wrap(native)
+        for name, native in natives.items():
+            setattr(namespace, name, op.wrap(native))
         total = _decode_seconds_per_token(model, prompt, tokens, decoding)
     finally:
         for b, _ in originals:
             del b.forward
-        if native is not None:
-            namespace.moe_ffn_out = native
+        for name, native in natives.items():
+            setattr(namespace, name, native)
     steps = tokens - 1  # forwards between the first new token and the last
     return {"total": total, "moe": blocks.seconds / steps, "kernel": op.seconds / steps, "blocks": len(moe_blocks)}
 
