@@ -7,10 +7,13 @@ import itertools
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from moeconv.kernels import block as block_module
 from moeconv.kernels import native
 from moeconv.modeling.hf import moe_block
+from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
+from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
 from moeconv.modeling.hf.moe_block import MoeconvExpert, MoeconvMoeBlock, route
 
 CPU_ISAS = native.available_cpu_isas()
@@ -125,11 +128,6 @@ def test_ties_go_where_torch_topk_puts_them(scoring, dtype, monkeypatch):
 def test_greedy_generate_gives_the_same_tokens(monkeypatch):
     """A tiny converted model (shared expert, softmax + renormalize, down_bias): the same greedy tokens with the one
     native call per block as without it; decode steps take it, the longer prompt does not."""
-    from transformers import LlamaConfig
-
-    from moeconv.modeling.hf.configuration_moeconv import MoeconvConfig
-    from moeconv.modeling.hf.modeling_moeconv import MoeconvForCausalLM
-
     dense = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=128)
     moe = dict(ffn_path="model.layers.{i}.mlp", layers=[0, 1], num_experts=4, top_k=2, expert_size=12, shared_size=16,
