@@ -68,7 +68,7 @@ def _shakespeare(split: str) -> list[str]:
 def _python_docs() -> list[str]:
     """The Python Language Reference's topics as plain text (pydoc_data, shipped with CPython): technical prose."""
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # here, not at the top: half a megabyte of text, read only for "mix"
     except ImportError:
         raise DataError("the built-in corpus 'mix' needs CPython's pydoc_data module; install the full Python "
                         "standard library or calibrate on 'shakespeare' or a file") from None
