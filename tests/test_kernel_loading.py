@@ -49,8 +49,8 @@ def test_native_loads_where_a_compiler_exists():
         pytest.skip("native kernels disabled or no C++ compiler")
     assert native.cpu_build().loaded, native.cpu_build().how
     status = K.kernel_status()
-    assert set(status) == {"route", "moe_ffn", "quant_linear", "quant_moe_ffn"}
-    assert all("cpu: native" in status[op] for op in ("moe_ffn", "quant_linear", "quant_moe_ffn"))
+    assert set(status) == {"route", "moe_ffn", "moe_block", "quant_linear", "quant_moe_ffn"}
+    assert all("cpu: native" in status[op] for op in ("moe_ffn", "moe_block", "quant_linear", "quant_moe_ffn"))
 
 
 def test_disabled_kernels_fall_back_and_build_recipe_is_standalone():

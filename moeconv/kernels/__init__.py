@@ -9,7 +9,7 @@ into a preallocated tensor).  kernel_status() says which implementation each op 
 
 from __future__ import annotations
 
-from moeconv.kernels import native, quant_api, reference
+from moeconv.kernels import block, native, quant_api, reference
 from moeconv.kernels.api import KernelInputError, moe_ffn, route
 from moeconv.kernels.block import fused_moe_block, fused_moe_ffn
 from moeconv.kernels.reference import ACTIVATIONS, SCORINGS
@@ -41,4 +41,8 @@ def kernel_status() -> dict[str, str]:
     quant_cpu = (f"native {isa} [registers-only decode for <= 4 tokens, L1-buffered dequantization otherwise; "
                  f"dequantize + GEMM past {quant_api.MAX_TOKENS} tokens] ({cpu.how})")
     quant = f"cpu: {quant_cpu if cpu.loaded else f'PyTorch dequantize + GEMM ({cpu.how})'}; cuda: PyTorch dequantize + GEMM"
-    return {"route": line(route_cpu), "moe_ffn": line(ffn_cpu), "quant_linear": quant, "quant_moe_ffn": quant}
+    # moe_block: a whole MoE block at decode in one call (router, route, shared and routed experts); CPU only
+    block_cpu = f"native {isa} [whole block for <= {block.BLOCK_MAX_TOKENS} tokens, the per-op path past that] ({cpu.how})"
+    block_text = f"cpu: {block_cpu if cpu.loaded else f'per-op path ({cpu.how})'}; cuda: per-op path"
+    return {"route": line(route_cpu), "moe_ffn": line(ffn_cpu), "moe_block": block_text, "quant_linear": quant,
+            "quant_moe_ffn": quant}
