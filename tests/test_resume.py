@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import build_dense, sample_text, save_char_tokenizer
 
 
@@ -23,18 +25,21 @@ def _convert_cmd(src: Path, out: Path, text: Path, *extra: str) -> list[str]:
             "--max-shard-size", "1KB", "-q", *extra]
 
 
-def test_sigkill_then_resume_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("inputs", ["dense", "converted"])
+def test_sigkill_then_resume_is_byte_identical(tmp_path, inputs):
+    """Also with calibration on the converted stream, whose states (both streams) must resume with the shards."""
     src = build_dense("llama", tmp_path / "dense", num_hidden_layers=10)
     save_char_tokenizer(src)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text())
+    extra = ("--calib-inputs", inputs)
 
     reference = tmp_path / "reference"
-    subprocess.run(_convert_cmd(src, reference, text), check=True)
+    subprocess.run(_convert_cmd(src, reference, text, *extra), check=True)
 
     out = tmp_path / "out"
     partial = tmp_path / "out.partial"
-    proc = subprocess.Popen(_convert_cmd(src, out, text))
+    proc = subprocess.Popen(_convert_cmd(src, out, text, *extra))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -50,7 +55,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     assert not out.exists(), "an interrupted conversion must not leave a complete-looking OUT"
     assert partial.is_dir()
 
-    subprocess.run(_convert_cmd(src, out, text, "--resume"), check=True)
+    subprocess.run(_convert_cmd(src, out, text, *extra, "--resume"), check=True)
     assert not partial.exists()
     assert _files(out) == _files(reference)
 
