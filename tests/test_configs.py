@@ -26,6 +26,9 @@ def test_shipped_recipe_loads(path: Path):
         recipe = load_recipe(path)
         assert 1 <= recipe.top_k <= recipe.experts
         if path.name == "dot-moe-heal.yaml":
-            assert recipe.heal is not None and recipe.heal.tokens == 32768
+            assert recipe.heal is not None and recipe.heal.tokens == 131072 and recipe.heal.source == "mix"
+        if path.name in ("dot-moe.yaml", "dot-moe-heal.yaml"):  # the defaults: calibrated as measured best
+            assert recipe.calibration.source == "mix" and recipe.calibration.inputs == "converted"
+            assert recipe.refit.target == "layer"
         if path.name.startswith("dot-moe"):
             assert recipe.refits
