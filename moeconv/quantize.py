@@ -25,7 +25,17 @@ from moeconv.io.layout import output_config
 from moeconv.io.load import load_tokenizer
 from moeconv.io.readers import CheckpointReader, open_checkpoint
 from moeconv.io.writer import PartialOutput, plan_shards, shard_name
-from moeconv.jobs import ProgressEvent, ProgressFn, check_destination, check_disk, check_memory, fingerprint, provenance, run_job, write_checkpoint_files
+from moeconv.jobs import (
+    ProgressEvent,
+    ProgressFn,
+    check_destination,
+    check_disk,
+    check_memory,
+    fingerprint,
+    provenance,
+    run_job,
+    write_checkpoint_files,
+)
 from moeconv.modeling.hf.quant_linear import LAYOUT_VERSION, SUB1_BLOCK_ROWS, SUB1_PAIR_COUNTS_KEY, buffer_specs
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor

@@ -189,7 +189,7 @@ class LayerRunner:
         finally:
             self.release(index)
         d = self.hidden[0].shape[-1]
-        gap = torch.cat([(dense - conv).reshape(-1, d) for dense, conv in zip(self.hidden, passed)])
+        gap = torch.cat([(dense - conv).reshape(-1, d) for dense, conv in zip(self.hidden, passed, strict=True)])
         return torch.cat(captured), gap
 
     def advance_converted(self, index: int, ffn: torch.nn.Module) -> None:
