@@ -14,28 +14,16 @@ import time
 import psutil
 import pytest
 import torch
+from heal_support import SEQ, heal_models
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.cli.app import app
-from moeconv.config import load_recipe
-from moeconv.convert import convert
-
-SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal-ddp")
-    dense = build_dense("llama", root / "dense", initializer_range=0.2)
-    save_char_tokenizer(dense)
-    train = root / "train.txt"
-    train.write_text(sample_text(40000, seed=0))
-    moe = root / "moe"
-    convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 10, "calibration.source": str(train),
-                                                "calibration.tokens": 256, "calibration.seqlen": 64, "refit": False}))
-    return {"root": root, "dense": dense, "moe": moe, "train": train}
+    return heal_models(tmp_path_factory.mktemp("heal-ddp"))
 
 
 def _recipe(lab, name: str, steps: int, checkpoint_every: int = 0):
