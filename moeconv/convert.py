@@ -192,7 +192,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
             runner.restore(load_file(str(resume_state)))
         elif first_layer > 0 and converted:  # each shard saves the states before it counts as done: cannot happen
             raise CheckpointError(f"{partial.path} has layers up to {first_layer} but not the calibration states after "
-                              "them; start again with --force")
+                                  "them; start again with --force")
         else:
             for i in range(first_layer):  # states were not kept: recompute them
                 progress(ProgressEvent("replaying dense layer", i, plan.layers))
