@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moeconv.kernels as K
 from moeconv.errors import MoeconvError
@@ -92,3 +93,25 @@ def test_a_build_lock_left_by_a_killed_run_does_not_wedge_the_next(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("still waiting on the dead run's build lock after 20 s")
     assert result.returncode == 0 and "loaded=True" in result.stdout, result.stdout + result.stderr
+
+
+def test_native_kernels_are_built_with_openmp_and_agree_across_thread_counts():
+    """Without -fopenmp ATen's at::parallel_for compiles to a serial loop: the library must call libgomp's parallel
+    region (GOMP_parallel), and 1 and 2 threads must give the same bits (each thread owns its rows / columns)."""
+    if not native.cpu_build().loaded or not sys.platform.startswith("linux"):
+        pytest.skip("CPU kernels not loaded (or not Linux, where the build uses OpenMP)")
+    library = next(line.split()[-1] for line in open("/proc/self/maps") if "moeconv" in line and line.rstrip().endswith(".so"))
+    assert b"GOMP_parallel" in Path(library).read_bytes(), f"{library} has no OpenMP parallel region"
+    torch.manual_seed(0)
+    x, router = torch.randn(3, 64), torch.randn(8, 64)
+    gate, up, down = torch.randn(8, 48, 64), torch.randn(8, 48, 64), torch.randn(8, 64, 48)
+    outputs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(torch.ops.moeconv_C.moe_block(x, router, 2, "softmax", True, gate, up, down, "silu",
+                                                         None, None, None, None, None, None, None, None))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outputs[0], outputs[1])

@@ -25,6 +25,7 @@ struct V {
   using reg = __m256;
   static constexpr int width = 8;
   static constexpr int rows = 2;  // 2 rows x 4 tokens = 8 accumulators of 16 ymm registers
+  static constexpr int rows_one = 8;  // 8 rows x 1 token: 8 chains for a single token (decode)
   static inline reg zero() { return _mm256_setzero_ps(); }
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline reg load(const uint16_t* p) {  // bfloat16 -> float32 is a 16-bit shift

@@ -26,6 +26,7 @@ struct V {
   using reg = __m512;
   static constexpr int width = 16;
   static constexpr int rows = 4;  // 4 rows x 4 tokens = 16 accumulators of 32 zmm registers
+  static constexpr int rows_one = 8;  // 8 rows x 1 token: 8 chains for a single token (decode)
   static inline reg zero() { return _mm512_setzero_ps(); }
   static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
   static inline reg load(const uint16_t* p) {  // bfloat16 -> float32 is a 16-bit shift

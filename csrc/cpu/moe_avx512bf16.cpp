@@ -36,6 +36,7 @@ struct V {
   using reg = __m512;
   static constexpr int width = 16;
   static constexpr int rows = 4;
+  static constexpr int rows_one = 8;  // fp32 problems, a single token: 8 rows = 8 chains
   static inline reg zero() { return _mm512_setzero_ps(); }
   static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
   static inline reg load(const uint16_t* p) {

@@ -73,9 +73,9 @@ inline void copy_dots(const W* const* w_rows, const float* const* xs, int64_t n,
     for (int j = 0; j < NT; ++j) dots[r][j] = t[r][j];
 }
 
-// Calls fn(r0, nrows, j0, dots) over all row blocks of `rows` x vector blocks of `nvec`.
+// Calls fn(r0, nrows, j0, ntokens, dots) over all RT-row blocks of `rows` x 4-vector blocks of `nvec`.
 template <int RT, typename W, typename Fn>
-inline void for_tiles(const W* w, int64_t ldw, int64_t rows, const float* const* xs, int64_t nvec, int64_t n, Fn fn) {
+inline void tiles_of(const W* w, int64_t ldw, int64_t rows, const float* const* xs, int64_t nvec, int64_t n, Fn fn) {
   for (int64_t r0 = 0; r0 < rows; r0 += RT) {
     const int64_t nr = rows - r0 < RT ? rows - r0 : RT;
     const W* w_rows[RT];
@@ -93,6 +93,14 @@ inline void for_tiles(const W* w, int64_t ldw, int64_t rows, const float* const*
       fn(r0, nr, j0, nj, dots);
     }
   }
+}
+
+// tiles_of with V::rows rows a block, or V::rows_one for a single vector: at decode an expert sees one token, and the
+// independent FMA chains that hide the FMA latency then come from rows alone (AVX2's 2 rows left it latency-bound).
+template <typename W, typename Fn>
+inline void for_tiles(const W* w, int64_t ldw, int64_t rows, const float* const* xs, int64_t nvec, int64_t n, Fn fn) {
+  if (nvec == 1) tiles_of<V::rows_one>(w, ldw, rows, xs, nvec, n, fn);
+  else tiles_of<V::rows>(w, ldw, rows, xs, nvec, n, fn);
 }
 
 constexpr int kMaxPairsPerTile = 64;  // token pointers gathered on the stack per block
@@ -115,7 +123,7 @@ void up_rows_t(const DecodeArgs& a, int64_t begin, int64_t end) {
       for (int64_t q = 0; q < nq; ++q) xs_all[q] = a.x + a.pair_token[p0 + q0 + q] * a.d;
       float* h = a.h + (p0 + q0) * a.s + r_begin;  // h[q * s + r]
       // Pass 1 (up) stores up x + b; pass 2 (gate) combines in place: h = act(gate x + b) * h.
-      for_tiles<V::rows>(wu, a.d, rows, xs_all, nq, a.d, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
+      for_tiles(wu, a.d, rows, xs_all, nq, a.d, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t j = 0; j < nj; ++j) {
             const float u = dots[r][j] + (bu ? bu[r_begin + r0 + r] : 0.0f);
@@ -123,7 +131,7 @@ void up_rows_t(const DecodeArgs& a, int64_t begin, int64_t end) {
           }
       });
       if (wg) {
-        for_tiles<V::rows>(wg, a.d, rows, xs_all, nq, a.d, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
+        for_tiles(wg, a.d, rows, xs_all, nq, a.d, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
           for (int64_t r = 0; r < nr; ++r)
             for (int64_t j = 0; j < nj; ++j) {
               const float g = dots[r][j] + (bg ? bg[r_begin + r0 + r] : 0.0f);
@@ -166,7 +174,7 @@ void down_cols_t(const DecodeArgs& a, int64_t begin, int64_t end) {
     for (int64_t q0 = 0; q0 < np; q0 += kMaxPairsPerTile) {
       const int64_t nq = np - q0 < kMaxPairsPerTile ? np - q0 : kMaxPairsPerTile;
       for (int64_t q = 0; q < nq; ++q) hs[q] = a.h + (p0 + q0 + q) * a.s;
-      for_tiles<V::rows>(wd, a.s, end - begin, hs, nq, a.s, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
+      for_tiles(wd, a.s, end - begin, hs, nq, a.s, [&](int64_t r0, int64_t nr, int64_t j0, int64_t nj, float (*dots)[4]) {
         for (int64_t j = 0; j < nj; ++j) {
           const int64_t p = p0 + q0 + j0 + j;
           float* acc = a.acc + a.pair_token[p] * a.d + begin + r0;

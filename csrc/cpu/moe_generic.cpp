@@ -12,6 +12,7 @@ struct V {
   using reg = float;
   static constexpr int width = 1;
   static constexpr int rows = 4;
+  static constexpr int rows_one = 4;
   static inline reg zero() { return 0.0f; }
   static inline reg load(const float* p) { return *p; }
   static inline reg load(const uint16_t* p) {

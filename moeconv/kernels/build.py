@@ -53,8 +53,9 @@ def all_source_files() -> list[Path]:
 
 
 def source_hash() -> str:
-    """Digest of the kernel sources, compiled into the library so a stale prebuilt one is detected."""
-    digest = hashlib.sha256()
+    """Digest of the kernel sources (and of the flags that change what they compile to), compiled into the library so
+    a stale prebuilt one is detected."""
+    digest = hashlib.sha256(" ".join(openmp_flags()).encode())
     for path in all_source_files():
         if path.exists():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -77,7 +78,14 @@ def cxx_flags() -> list[str]:
     define = f"-DMOECONV_SOURCE_HASH={source_hash()}"
     if sys.platform == "win32":
         return ["/O2", "/std:c++20", define.replace("-D", "/D", 1)]
-    return ["-O3", "-std=c++20", "-Wno-unknown-pragmas", define]
+    return ["-O3", "-std=c++20", "-Wno-unknown-pragmas", define, *openmp_flags()]
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp for compiling and linking: ATen's at::parallel_for is a header template whose `#pragma omp parallel`
+    exists only under -fopenmp (_OPENMP), so without it every parallel_for of these kernels ran on one thread.  The
+    link names libgomp.so.1, which resolves to the copy torch has already loaded (same soname)."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def nvcc_flags() -> list[str]:
@@ -112,7 +120,8 @@ def extension_modules() -> list:
     extensions = []
     if has_cxx_compiler():
         extensions.append(
-            CppExtension(CPU_EXTENSION, cpu_sources(), extra_compile_args={"cxx": cxx_flags()}, include_dirs=["csrc/cpu"])
+            CppExtension(CPU_EXTENSION, cpu_sources(), extra_compile_args={"cxx": cxx_flags()},
+                         extra_link_args=openmp_flags(), include_dirs=["csrc/cpu"])
         )
     if can_build_cuda():
         extensions.append(

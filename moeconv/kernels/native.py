@@ -78,6 +78,7 @@ def _jit_load(kind: str, sources: list[str], cuda: bool) -> None:
             sources=sources,
             extra_cflags=build.cxx_flags(),
             extra_cuda_cflags=build.nvcc_flags() if cuda else None,
+            extra_ldflags=build.openmp_flags(),
             extra_include_paths=[str(Path(sources[0]).parent)],
             build_directory=str(directory),
             is_python_module=False,
