@@ -41,14 +41,25 @@ inline float activate(float g, int activation) {
   }
 }
 
-// dots[r][j] = <w_rows[r], xs[j]> for r < RT, j < NT; rows and vectors have length n.
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p);
+#endif
+}
+
+// dots[r][j] = <w_rows[r], xs[j]> for r < RT, j < NT; rows and vectors have length n.  Each cache line read is also
+// prefetched `ahead` elements further on (the next row block): an expert's rows are short streams that the hardware
+// prefetcher ramps up on too late, and decode reads them from DRAM.
 template <int RT, int NT, typename W>
-inline void dot_tile(const W* const* w_rows, const float* const* xs, int64_t n, float dots[RT][NT]) {
+inline void dot_tile(const W* const* w_rows, const float* const* xs, int64_t n, float dots[RT][NT], int64_t ahead) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // elements per cache line
   typename V::reg acc[RT][NT];
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < NT; ++j) acc[r][j] = V::zero();
   int64_t i = 0;
   for (; i + V::width <= n; i += V::width) {
+    if (i % kLine == 0)
+      for (int r = 0; r < RT; ++r) prefetch(w_rows[r] + i + ahead);
     typename V::reg xv[NT];
     for (int j = 0; j < NT; ++j) xv[j] = V::load(xs[j] + i);
     for (int r = 0; r < RT; ++r) {
@@ -66,9 +77,9 @@ inline void dot_tile(const W* const* w_rows, const float* const* xs, int64_t n, 
 }
 
 template <int RT, int NT, typename W>
-inline void copy_dots(const W* const* w_rows, const float* const* xs, int64_t n, float dots[RT][4]) {
+inline void copy_dots(const W* const* w_rows, const float* const* xs, int64_t n, float dots[RT][4], int64_t ahead) {
   float t[RT][NT];
-  dot_tile<RT, NT>(w_rows, xs, n, t);
+  dot_tile<RT, NT>(w_rows, xs, n, t, ahead);
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < NT; ++j) dots[r][j] = t[r][j];
 }
@@ -84,11 +95,12 @@ inline void tiles_of(const W* w, int64_t ldw, int64_t rows, const float* const* 
       const int64_t nj = nvec - j0 < 4 ? nvec - j0 : 4;
       // Rows past the end repeat row r0 (valid, in cache); their results are ignored.
       float dots[RT][4];
+      const int64_t ahead = RT * ldw;  // the same place in the next row block
       switch (nj) {
-        case 4: dot_tile<RT, 4>(w_rows, xs + j0, n, dots); break;
-        case 3: copy_dots<RT, 3>(w_rows, xs + j0, n, dots); break;
-        case 2: copy_dots<RT, 2>(w_rows, xs + j0, n, dots); break;
-        default: copy_dots<RT, 1>(w_rows, xs + j0, n, dots); break;
+        case 4: dot_tile<RT, 4>(w_rows, xs + j0, n, dots, ahead); break;
+        case 3: copy_dots<RT, 3>(w_rows, xs + j0, n, dots, ahead); break;
+        case 2: copy_dots<RT, 2>(w_rows, xs + j0, n, dots, ahead); break;
+        default: copy_dots<RT, 1>(w_rows, xs + j0, n, dots, ahead); break;
       }
       fn(r0, nr, j0, nj, dots);
     }
