@@ -32,3 +32,11 @@ def test_shipped_recipe_loads(path: Path):
             assert recipe.refit.target == "layer"
         if path.name.startswith("dot-moe"):
             assert recipe.refits
+
+
+def test_a_heal_block_without_a_source_heals_on_the_calibration_text():
+    recipe = load_recipe(None, {"calibration.source": "mix", "heal.tokens": 4096})
+    assert recipe.heal.source == "mix"
+    explicit = load_recipe(None, {"calibration.source": "mix", "heal.tokens": 4096, "heal.source": "shakespeare"})
+    assert explicit.heal.source == "shakespeare"
+    assert load_recipe(None, {"heal.tokens": 4096}).heal.source == "shakespeare"  # the calibration default

@@ -67,6 +67,14 @@ class ConvertRecipe(Strict):
                              "calibration.inputs: converted measures; set both, or use refit.target: ffn")
         return self
 
+    @model_validator(mode="after")
+    def _heal_text(self) -> ConvertRecipe:
+        """A heal block without a source of its own heals on the calibration text (what `--heal-source` promises), not
+        on the standalone `moeconv heal` default."""
+        if self.heal is not None and "source" not in self.heal.model_fields_set:
+            self.heal.source = self.calibration.source
+        return self
+
     @field_validator("dag")
     @classmethod
     def _dag(cls, v: DagConfig | None) -> DagConfig | None:
