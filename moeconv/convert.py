@@ -97,7 +97,8 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     layout = LayerLayout(reader, adapter, moe_settings(recipe, adapter, reader.config, expert_size, shared_size), DTYPES[dtype])
     unit_bytes = [layout.unit_bytes(u) for u in range(layout.num_units)]
     shards = plan_shards(unit_bytes, parse_size(recipe.max_shard_size))
-    partition_reads = get_partitioner(recipe.partition.method).needs_calibration
+    partitioner = get_partitioner(recipe.partition.method, recipe.partition.options)
+    partition_reads = partitioner.needs_calibration
     calib = recipe.calibration.tokens if recipe.needs_calibration(partition_reads) else 0
     tokens = -(-calib // recipe.calibration.seqlen) * recipe.calibration.seqlen  # captured in whole windows
     d = layout.d_model
@@ -107,7 +108,7 @@ def make_plan(src: str, reader: CheckpointReader, adapter: FamilyAdapter, recipe
     streams = 2 if recipe.calibration.inputs == "converted" else 1  # hidden states carried (and saved for resume)
     parts = layer_memory(recipe, tokens, d, d_ff, sizes, (3 if adapter.gated else 2) * d * d_ff * source_bytes,
                          max(unit_bytes[1:], default=0), unit_bytes[0])
-    flops = layer_flops(recipe, tokens, d, d_ff, sizes[2], recipe.calibration.seqlen, partition_reads)
+    flops = layer_flops(recipe, tokens, d, d_ff, sizes[2], recipe.calibration.seqlen, partitioner.work(tokens, d, d_ff))
     stages = [f"partition ({recipe.partition.method})" if name == "partition" else name
               for name, _ in layer_stages(recipe, calibrated=calib > 0)]
     if recipe.heal is not None:

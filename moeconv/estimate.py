@@ -90,15 +90,15 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
 
 
 def layer_flops(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, layer: int, seqlen: int,
-                partition_reads_calibration: bool) -> dict[str, float]:
-    """Floating-point operations per layer by stage (matrix products only)."""
+                partition_work: float) -> dict[str, float]:
+    """Floating-point operations per layer by stage (matrix products only); partition_work: the partitioner's own
+    count (Partitioner.work)."""
     if not tokens:
         return {}
-    ffn_forward = 6 * tokens * d * d_ff  # gate, up, down
     passes = 3 if recipe.calibration.inputs == "converted" else 1  # dense stream, converted stream, and its advance
     flops = {"capture": passes * (2 * layer * tokens + 2 * tokens * seqlen * d)}
-    if partition_reads_calibration:  # one activation pass over at most 16K tokens; the methods' own iterations vary
-        flops["partition"] = ffn_forward * min(1.0, 16384 / tokens)
+    if partition_work:
+        flops["partition"] = partition_work
     if recipe.trains_router:
         flops["router"] = 4 * tokens * d * d_ff + 6 * recipe.router.steps * min(recipe.router.batch, tokens) * d * recipe.experts
     if recipe.refits:

@@ -103,6 +103,21 @@ def test_converted_inputs_plan_two_streams(source, tmp_path):
     assert conv.layer_flops["capture"] == pytest.approx(3 * dense.layer_flops["capture"])
 
 
+def test_dry_run_counts_the_dot_partitions_own_steps(source, tmp_path):
+    """At 8B width DOT's training steps are most of a layer's time (96 of ~170 s measured): the estimate counts them."""
+    src, text = source
+    d_ff = json.loads((src / "config.json").read_text())["intermediate_size"]
+    recipe = _recipe(text)
+
+    def partition_flops(steps: int) -> tuple[float, int]:
+        spec = recipe.partition.model_copy(update={"method": "dot", "options": {"steps": steps}})
+        plan = convert(str(src), tmp_path / "x", recipe.model_copy(update={"partition": spec}), dry_run=True)
+        return plan.layer_flops["partition"], plan.d_model
+
+    (few, d), (many, _) = partition_flops(40), partition_flops(80)
+    assert many - few == pytest.approx(4 * 40 * 512 * d * d_ff)  # forward and backward of [512, d_ff] x [d_ff, d]
+
+
 def _quantize_args(src, out, text):
     return ["quantize", str(src), str(out), "--bits", "4", "--group-size", "8", "--calib", str(text), "--calib-tokens", "512",
             "--seqlen", "64"]

@@ -127,6 +127,14 @@ class DotPartitioner(Partitioner):
     Config = DotConfig
     needs_calibration = True
 
+    def work(self, tokens: int, d: int, d_ff: int) -> float:
+        """The dense activations and outputs of the drawn tokens, the cheap start's activations, and per step the
+        masked down projection forward and backward ([B, d_ff] x [d_ff, d] twice); Sinkhorn and AdamW are not counted."""
+        config: DotConfig = self.config
+        t = min(tokens, config.max_tokens)
+        start = 4.0 * t * d * d_ff if config.init != "normal" else 0.0
+        return 6.0 * t * d * d_ff + start + 4.0 * config.steps * min(config.batch, t) * d * d_ff
+
     def _partition(
         self, ffn: DenseFFN, num_experts: int, calib: Tensor | None, generator: torch.Generator, top_k: int | None
     ) -> PartitionResult:

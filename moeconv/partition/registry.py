@@ -77,6 +77,11 @@ class Partitioner(ABC):
         check_balanced(result.assignment, num_experts)
         return result
 
+    def work(self, tokens: int, d: int, d_ff: int) -> float:
+        """Matrix-product FLOPs of one layer's partition on `tokens` calibration tokens, for convert --dry-run's time
+        estimate: one activation pass over at most 16K tokens, unless a method counts its own iterations."""
+        return 6.0 * min(tokens, 16384) * d * d_ff if self.needs_calibration else 0.0
+
     def select_shared(self, ffn: DenseFFN, calib: Tensor, count: int) -> tuple[Tensor, dict[str, float]]:
         """([count] sorted ids of the always-active neurons, what the choice measured). Default: the largest mean |h|;
         a method with its own rule (cmoe, expertweaver) overrides this."""
