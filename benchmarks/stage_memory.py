@@ -19,6 +19,10 @@ from moeconv.config import load_recipe
 from moeconv.convert import convert
 
 
+class _Stop(Exception):
+    """--max-layers reached."""
+
+
 def _status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -31,11 +35,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--recipe", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "dot-moe.yaml")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--max-layers", type=int, help="stop when this many layers are converted (a deep model's first "
+                        "layers; the output is left unfinished)")
     args = parser.parse_args()
-    recipe = load_recipe(None, {"experts": args.experts, "top_k": args.top_k, "calibration.tokens": args.tokens})
+    recipe = load_recipe(args.recipe, {"experts": args.experts, "top_k": args.top_k, "calibration.tokens": args.tokens})
     plan = convert(args.src, args.out, recipe, dry_run=True)
     print(json.dumps({"predicted_peak_gib": plan.peak_bytes_estimate / 2**30,
                       "parts_gib": {k: v / 2**30 for k, v in plan.memory_parts.items()},
@@ -53,10 +60,17 @@ def main() -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM restarts from the current RSS
         step, last = f"{event.stage} (layer {event.layer})", now
+        if args.max_layers and event.stage == "capture" and event.layer >= args.max_layers:
+            raise _Stop
 
     cpu = time.process_time()
-    convert(args.src, args.out, recipe, force=True, progress=progress)
-    print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}), flush=True)
+    try:
+        convert(args.src, args.out, recipe, force=True, progress=progress)
+        complete = True
+    except _Stop:
+        complete = False
+    print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "complete": complete}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
         with partial.stream_shard(names[s], entries) as shard:  # each unit is written as soon as it exists
             for unit in plan.shards[s]:
                 if unit == 0:
+                    progress(ProgressEvent("writing embeddings and head"))
                     tensors = layout.global_tensors()
                 else:
                     i = unit - 1

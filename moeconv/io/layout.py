@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from transformers import PretrainedConfig
@@ -52,6 +52,22 @@ def output_config(config: PretrainedConfig, moe: dict, dtype: str) -> dict:
 
 def _float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
+
+
+class _ReadOnLookup(Mapping):
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
+        self._names, self._read = list(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class LayerLayout:
@@ -124,8 +140,10 @@ class LayerLayout:
         idle = (self.moe["num_experts"] - self.moe["top_k"]) * self._expert_params * self.num_layers
         return total, total - idle
 
-    def global_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: _float(self.reader.get(k), self.dtype) for k in self._source_units[0]}
+    def global_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The embeddings, final norm and LM head, each read when looked up and not kept (2 GiB each in float32 at
+        8B: a dict of them all would hold them together)."""
+        return _ReadOnLookup(self._source_units[0], lambda k: _float(self.reader.get(k), self.dtype))
 
     def layer_tensors(self, layer: int, block: MoeconvMoeBlock) -> dict[str, torch.Tensor]:
         out = {k: _float(self.reader.get(k), self.dtype) for k in self._source_units[layer + 1]}

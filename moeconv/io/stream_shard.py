@@ -49,7 +49,8 @@ class StreamingShard:
             raise RuntimeError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, the plan said {shape} {dtype}")
         if self._check is not None:
             self._check(name, tensor)
-        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # the tensor's own bytes, not a copy of them (tobytes() would double an 8B model's 2 GiB embedding)
+        self._file.write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
