@@ -10,13 +10,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SAFETENSORS_CODES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",  # packed quantized codes
 }
 FROM_SAFETENSORS_CODE = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
 
 
 def itemsize_of_code(code: str) -> int:
     """Bytes per element of a safetensors dtype code ("F32" -> 4)."""
-    return FROM_SAFETENSORS_CODE[code].itemsize if code in FROM_SAFETENSORS_CODE else {"U16": 2, "U32": 4, "U64": 8}[code]
+    return FROM_SAFETENSORS_CODE[code].itemsize
 
 
 def output_dtype(requested: str, config) -> str:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moeconv.errors import MoeconvError
 from moeconv.io.files import (
@@ -32,9 +31,10 @@ from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
 from moeconv.io.validate import all_finite
 
-PROGRESS = "progress.json"
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once (os.umask can only be read by setting it); restored at once
+
+PROGRESS = "progress.json"
 # The self-contained modeling code copied into every moeconv checkpoint (torch + transformers only).
 HF_DIR = Path(__file__).parents[1] / "modeling" / "hf"
 HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")
@@ -264,8 +264,17 @@ class PartialOutput:
 
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~UMASK)  # safetensors creates its file 0600; an output is as readable as any file the user makes
+    """A safetensors file written from each tensor's own bytes in turn: safetensors' save_file serializes the whole
+    shard into one buffer first, a second copy of it in memory (GiBs at 8B)."""
+    items = sorted(tensors.items())  # by name: the bytes must not depend on the order a run happened to build the dict
+    shard = StreamingShard(path, [(k, tuple(v.shape), v.dtype) for k, v in items], metadata={"format": "pt"})
+    try:
+        for key, value in items:
+            shard.write(key, value)
+        shard.close()
+    except BaseException:
+        shard.abort()
+        raise
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
