@@ -129,6 +129,7 @@ def extension_modules() -> list:
                 CUDA_EXTENSION,
                 cuda_sources(),
                 extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
+                extra_link_args=openmp_flags(),  # its host code is compiled with -fopenmp too (cxx_flags)
                 include_dirs=["csrc/cuda"],
             )
         )
