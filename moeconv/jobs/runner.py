@@ -13,6 +13,7 @@ from pathlib import Path
 from moeconv.errors import MoeconvError
 from moeconv.io.files import write_error
 from moeconv.io.writer import PartialOutput, check_out_path
+from moeconv.jobs.malloc import keep_large_buffers_mapped
 
 
 @dataclass
@@ -91,6 +92,7 @@ def run_job(out: Path, fingerprint: str, work: Callable[[PartialOutput], dict], 
     """Hold OUT.lock, let `work` fill OUT.partial (it skips what partial.has_shard() says is written), then put OUT in place.
 
     -> what `work` returned (the job's provenance or metrics)."""
+    keep_large_buffers_mapped()  # a long job's freed layers must not stay in the heap (moeconv/jobs/malloc.py)
     with PartialOutput(out, fingerprint, resume=resume, force=force) as partial:
         try:
             result = work(partial)
