@@ -236,7 +236,8 @@ def test_serve_speed_counts_the_bytes_a_token_reads(sources, tmp_path, monkeypat
     spec = importlib.util.spec_from_file_location("moeconv_bench_serve_work", ROOT / "benchmarks" / "serve_work.py")
     serve = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, serve)  # dataclasses look their module up there
-    monkeypatch.setattr(sys, "path", list(sys.path))  # it moves benchmarks/ to the end of sys.path: for this test only
+    # it imports its sibling eval_speed as a script would: benchmarks/ on the path, last (for this test only)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(ROOT / "benchmarks")])
     spec.loader.exec_module(serve)
     ckpt = moe(sources, "llama", "llama-with-experts", **EXACT["llama-with-experts"][1])
     path, _ = gguf(ckpt, tmp_path / "moe")
