@@ -50,8 +50,10 @@ def convert_staged(src: str, out: Path, tokens: int, experts: int, top_k: int, m
     for line in proc.stdout:
         print(line, end="", file=sys.stderr, flush=True)
         if line.startswith("{"):
-            record = json.loads(line)
-            plan, end = (plan, record) if plan else (record, end)
+            if plan:  # the first JSON line is the dry run's plan, the last the run's wall time
+                end = json.loads(line)
+            else:
+                plan = json.loads(line)
             continue
         m = STEP.match(line)
         if not m:

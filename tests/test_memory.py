@@ -60,8 +60,8 @@ def test_embeddings_and_head_are_read_and_written_one_at_a_time(tmp_path, monkey
 
 
 def test_jobs_keep_large_buffers_mapped_where_glibc_allows(monkeypatch):
-    """run_job fixes glibc's mmap threshold (freed 1-32 MiB tensors otherwise stay in the heap: quantize grew by a
-    float32 layer per layer at 8B); without glibc it changes nothing and says so."""
+    """run_job fixes glibc's mmap threshold (freed 1-32 MiB tensors otherwise stay in the heap and a layer-by-layer job
+    grows); without glibc it changes nothing and says so."""
     if sys.platform.startswith("linux"):
         assert malloc.keep_large_buffers_mapped() is True
     monkeypatch.setattr(malloc.sys, "platform", "darwin")

@@ -31,10 +31,9 @@ from moeconv.io.lock import OutputLock
 from moeconv.io.stream_shard import StreamingShard
 from moeconv.io.validate import all_finite
 
+PROGRESS = "progress.json"
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once (os.umask can only be read by setting it); restored at once
-
-PROGRESS = "progress.json"
 # The self-contained modeling code copied into every moeconv checkpoint (torch + transformers only).
 HF_DIR = Path(__file__).parents[1] / "modeling" / "hf"
 HF_FILES = ("configuration_moeconv.py", "modeling_moeconv.py", "moe_block.py", "dag.py", "quant_linear.py")

@@ -2,9 +2,9 @@
 
 glibc serves allocations above its mmap threshold with mmap and unmaps them when freed, but the threshold is dynamic:
 after the first large free it rises towards 32 MiB, and from then on every 1–32 MiB buffer (an 8B expert's
-4096 x 1792 float32 matrices are 28 MiB) comes from the heap, whose freed fragments are kept. Quantizing an 8B-shaped
-MoE grew by about one float32 layer per layer that way (14.5 GiB after 4 layers). Fixing the threshold turns the
-dynamic rise off (mallopt(3)).
+4096 x 1792 float32 matrices are 28 MiB) comes from the heap, whose freed fragments are kept. Fixing the threshold
+turns the dynamic rise off (mallopt(3)): quantize's RSS over an 8-layer d 1024 MoE went from 1.01 -> 1.45 GiB to
+0.56 -> 0.66 GiB, and its growth at 8B slowed (most of that remains: benchmarks/RESULTS.md, issue 16).
 """
 
 from __future__ import annotations
