@@ -91,11 +91,14 @@ class LayerRunner:
         self.ffn_suffix = ffn_path.split("{i}.")[1]
         base = self.model.base_model  # capture runs the base model only: the LM head (2 GiB float32 at 8B) is never read
         prefix = f"{self.model.base_model_prefix}." if base is not self.model else ""
-        for name, _ in base.named_parameters(prefix=prefix.rstrip(".")):
-            if not name.startswith(layer0 + ".") and reader.has(name):
+        outside = [name for name, _ in base.named_parameters(prefix=prefix.rstrip(".")) if not name.startswith(layer0 + ".")]
+        for name in outside:
+            if reader.has(name):
                 set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
         self.batches = list(windows.split(batch_size))
         self.hidden, self.layer_args = self._catch_inputs()
+        for name in outside:  # only the windows' embedding needed them (2 GiB float32 at 8B): back to meta
+            set_module_tensor_to_device(self.model, name, "meta")
         # The hidden states that the layers converted so far produce (None: calibrate on the dense model's alone).
         self.converted = [h.clone() for h in self.hidden] if converted_stream else None
 
