@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import build_dense, remote_code_logits, sample_text, save_char_tokenizer
@@ -22,7 +23,7 @@ from moeconv.convert import convert
 from moeconv.errors import CheckpointError, DataError, RecipeError
 from moeconv.io.load import load_model
 from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, SUB1_PAIR_COUNTS_KEY, QuantLinear, log8_levels
-from moeconv.quant import sub1
+from moeconv.quant import pipeline, sub1
 from moeconv.quant.grids import dequantize, find_params, quantize_rtn
 from moeconv.quant.packing import unpack
 from moeconv.quantize import quantize
@@ -198,6 +199,22 @@ def test_moe_expert_hessians_and_sparse_experts(sources, tmp_path):
         assert prov["layers"]["1"]["low_token_experts"] == [0, 1, 2, 3]
         assert prov["layers"]["1"]["tensors"]["model.layers.1.mlp.experts.2.down_proj"]["method"] == method
         assert prov["layers"]["1"]["tensors"]["model.layers.1.self_attn.q_proj"]["method"] == "gptq"
+
+
+def test_experts_split_into_gptq_calls_give_the_same_result(sources, tmp_path, monkeypatch):
+    """At 8B width the experts of a stage go one GPTQ call each (GPTQ_BATCH_BYTES); the split changes nothing but memory."""
+    assert [list(c) for c in pipeline._chunks(8, 3584, 4096)] == [[e] for e in range(8)]  # 8B gate+up: ~0.8 GiB each
+    assert [list(c) for c in pipeline._chunks(16, 192, 576)] == [list(range(16))]  # SmolLM2 (16,4): one call
+    whole = quantize(str(sources["moe"]), tmp_path / "whole", _recipe(sources, bits="4"))
+    monkeypatch.setattr(pipeline, "GPTQ_BATCH_BYTES", 1)
+    split = quantize(str(sources["moe"]), tmp_path / "split", _recipe(sources, bits="4"))
+    for i, layer in whole["layers"].items():
+        for name, entry in layer["tensors"].items():
+            assert split["layers"][i]["tensors"][name]["error"] == pytest.approx(entry["error"], rel=1e-4), name
+    a, b = ({k: v for f in sorted((tmp_path / run).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+            for run in ("whole", "split"))
+    codes = [k for k in a if ".experts." in k and k.endswith(".qweight")]
+    assert codes and sum(not torch.equal(a[k], b[k]) for k in codes) <= len(codes) // 4  # float ties may flip a code
 
 
 def test_dry_run_writes_nothing(sources, tmp_path):

@@ -180,12 +180,13 @@ def _quantize_stages(runner: LayerRunner, index: int, layer: nn.Module, modules:
         block = layer.get_submodule(stage[0].split(".experts.*")[0]) if is_experts else None
         stage_done("hessian " + ",".join(stage))
         accs = _collect(runner, index, layer, [modules[names[0]] for names in per_source], block, cache)
-        H = torch.stack([a.finalize() for a in accs])  # [S, in, in] one per source (expert)
         counts = [a.num_samples for a in accs]
-        use_rtn = [False] * len(accs)
+        pooled = sum(a.xtx for a in accs) * (2.0 / max(sum(counts), 1)) if is_experts else None  # [in, in] the layer's tokens
+        H = [a.finalize() for a in accs]  # [in, in] one per source (expert)
+        del accs  # their sums: H takes their place, not a second copy (0.5 GiB for 8 experts at 8B)
+        use_rtn = [False] * len(H)
         if is_experts:
             result.expert_tokens[stage[0]] = counts
-            pooled = sum(a.xtx for a in accs) * (2.0 / max(sum(counts), 1))  # [in, in] all tokens of the layer
             for e, n in enumerate(counts):
                 if n < recipe.min_expert_tokens:
                     if recipe.sparse_experts == "pooled":
@@ -195,14 +196,20 @@ def _quantize_stages(runner: LayerRunner, index: int, layer: nn.Module, modules:
                     if e not in result.sparse_experts:
                         result.sparse_experts.append(e)
         stage_done("gptq " + ",".join(stage))
-        parts = [weight_of(modules[n]) for n in per_source[0]]
-        bounds = torch.tensor([0] + [p.shape[0] for p in parts]).cumsum(0).tolist()  # row ranges of the modules
-        W = torch.stack([torch.cat([weight_of(modules[n]) for n in names]) for names in per_source])  # [S, Σout, in]
-        outcomes = gptq_quantize_batched(W, H, spec, recipe.block_size, recipe.damp, recipe.act_order,
-                                         ["+".join(names) for names in per_source], clip)
-        quantized = [quantize_rtn(W[s], spec, clip) if use_rtn[s] else out.q for s, out in enumerate(outcomes)]
-        terms = torch.stack([output_error_terms(W[s], dequantize(q), H[s]) if use_rtn[s] else outcomes[s].row_terms
-                             for s, q in enumerate(quantized)])  # [S, Σout, 2]
+        rows = [weight_of(modules[n]).shape[0] for n in per_source[0]]
+        bounds = torch.tensor([0, *rows]).cumsum(0).tolist()  # row ranges of the modules
+        quantized, terms, outcomes = [], [], []
+        for chunk in _chunks(len(per_source), sum(rows), H[0].shape[0]):
+            W = torch.stack([torch.cat([weight_of(modules[n]) for n in per_source[s]]) for s in chunk])  # [S', Σout, in]
+            done = gptq_quantize_batched(W, torch.stack([H[s] for s in chunk]), spec, recipe.block_size, recipe.damp,
+                                         recipe.act_order, ["+".join(per_source[s]) for s in chunk], clip)
+            for j, s in enumerate(chunk):
+                q = quantize_rtn(W[j], spec, clip) if use_rtn[s] else done[j].q
+                quantized.append(q)
+                terms.append(output_error_terms(W[j], dequantize(q), H[s]) if use_rtn[s] else done[j].row_terms)
+            outcomes += done
+            del W, done
+        terms = torch.stack(terms)  # [S, Σout, 2]
         for m, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             errors = relative_error_of(terms[:, r0:r1]).tolist()  # [S] error of module m in each source
             for s, names in enumerate(per_source):
@@ -225,6 +232,21 @@ def _quantize_stages(runner: LayerRunner, index: int, layer: nn.Module, modules:
         cache.new_pass()
         runner.forward(index, layer, update=True)  # the next layer's inputs come from this quantized layer
     return result
+
+
+# The working set one batched GPTQ call may take: the experts of a stage are split into calls of at most this much
+# (SmolLM2's experts stay one call; at 8B width an expert's gate+up problem is ~0.8 GiB, so they go one at a time
+# instead of 5 GiB for all eight).
+GPTQ_BATCH_BYTES = 1 << 30
+
+
+def _chunks(sources: int, rows: int, cols: int) -> list[range]:
+    """Consecutive ranges of the `sources` problems [rows, cols] (Hessian [cols, cols]), each within GPTQ_BATCH_BYTES:
+    about six float32 copies of each matrix live at once (weights, sweep, clip search, error terms; Hessian, its
+    permutation, Cholesky factor and inverse)."""
+    per_problem = 6 * 4 * (rows * cols + cols * cols)
+    size = max(1, GPTQ_BATCH_BYTES // per_problem)
+    return [range(start, min(start + size, sources)) for start in range(0, sources, size)]
 
 
 def rows_of(q: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
