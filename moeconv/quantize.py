@@ -151,7 +151,7 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         bits_per_weight_estimate=None if spec.bits == "sub1" else stored_bits / n_weights, unit_bytes=unit_bytes,
         shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,
     )
-    return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton}
+    return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton, "spec": spec}
 
 
 def quantize(
@@ -210,24 +210,29 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
     metrics: dict[str, dict] = json.loads(json.dumps(partial.state.get("layers", {})))  # a private copy: sub1 edits it
     dtype = DTYPES[plan.dtype]
     for s in todo:
-        tensors: dict[str, torch.Tensor] = {}
-        for unit in plan.shards[s]:
-            keys = [k for k, u in ctx["unit_of"].items() if u == unit]
-            if unit == 0:
-                tensors.update({k: _float(reader.get(k), dtype) for k in keys})
-                continue
-            i = unit - 1
-            result = _quantize_layer(reader, recipe, plan, ctx, runner, i, progress)
-            skip = {f"{prefix}.{i}.{rel}.weight" for rel in result.quantized}
-            tensors.update({k: _float(reader.get(k), dtype) for k in keys if k not in skip})
-            metrics[str(i)] = _pack_layer(result, f"{prefix}.{i}.", recipe, tensors)
-            progress(ProgressEvent("done", i, plan.layers, {"mean_error": _mean_error(metrics[str(i)])}))
-        progress(ProgressEvent("writing " + names[s]))
-        last_layer = max(plan.shards[s]) - 1
-        if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
-            partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", runner.state())
-        partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
-        partial.write_shard(names[s], tensors)
+        entries = [e for unit in plan.shards[s] for e in _unit_entries(reader, plan, ctx, unit)]
+        with partial.stream_shard(names[s], entries) as shard:  # each unit is written as soon as it exists
+            for unit in plan.shards[s]:
+                keys = sorted(k for k, u in ctx["unit_of"].items() if u == unit)
+                if unit == 0:
+                    progress(ProgressEvent("writing embeddings and head"))
+                    for k in keys:  # one at a time: at 8B the embeddings and the head are 1 GiB each in bfloat16
+                        shard.write(k, _float(reader.get(k), dtype))
+                    continue
+                i = unit - 1
+                result = _quantize_layer(reader, recipe, plan, ctx, runner, i, progress)
+                skip = {f"{prefix}.{i}.{rel}.weight" for rel in result.quantized}
+                tensors = {k: _float(reader.get(k), dtype) for k in keys if k not in skip}
+                metrics[str(i)] = _pack_layer(result, f"{prefix}.{i}.", recipe, tensors)
+                del result
+                for k in sorted(tensors):
+                    shard.write(k, tensors[k])
+                del tensors
+                progress(ProgressEvent("done", i, plan.layers, {"mean_error": _mean_error(metrics[str(i)])}))
+            last_layer = max(plan.shards[s]) - 1
+            if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done
+                partial.save_tensors(f"hidden-{last_layer + 1}.safetensors", runner.state())
+            partial.save_state("layers", metrics)  # before the shard counts as done: its layers' metrics resume with it
         for stale in partial.path.glob("hidden-*.safetensors"):
             if stale.name != f"hidden-{last_layer + 1}.safetensors":
                 stale.unlink()
@@ -236,6 +241,24 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
     if recipe.bits == "sub1":
         _encode_sub1(partial, names, metrics, progress)
     return _finish(reader, recipe, plan, ctx, partial, names, metrics, calib_fp, progress)
+
+
+def _unit_entries(reader: CheckpointReader, plan: QuantizePlan, ctx: dict, unit: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor unit `unit` writes, in write order (by name): the kept tensors in the
+    output dtype, and the packed buffers of each quantized linear (sub1 is written as ternary first, see _pack_layer)."""
+    dtype = DTYPES[plan.dtype]
+    weights = {f"{m}.weight" for m in plan.modules}
+    entries = []
+    for k, u in ctx["unit_of"].items():
+        if u == unit and k not in weights:
+            source = reader.dtype(k)
+            entries.append((k, tuple(reader.shape(k)), dtype if source.is_floating_point else source))
+    layer = f"{ctx['prefix']}.{unit - 1}."
+    spec = QuantSpec("ternary") if plan.format == "sub1" else ctx["spec"]
+    for name, (rows, cols) in plan.modules.items():
+        if unit > 0 and name.startswith(layer):
+            entries += [(f"{name}.{b}", shape, d) for b, (shape, d) in buffer_specs(format_dict(spec, rows, cols)).items()]
+    return sorted(entries)
 
 
 def _float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

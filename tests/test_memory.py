@@ -9,15 +9,17 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import build_dense
-from moeconv.config import load_recipe
+from moeconv.config import load_quant_recipe, load_recipe
 from moeconv.convert import convert
 from moeconv.io import readers
 from moeconv.io.stream_shard import StreamingShard
 from moeconv.jobs import malloc
+from moeconv.quantize import quantize
 
 # the child's peak RSS (KiB), read after it exits
 PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
@@ -51,14 +53,21 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     assert deep <= 1.3 * small, (small, deep)
 
 
-def test_embeddings_and_head_are_read_and_written_one_at_a_time(tmp_path, monkeypatch):
-    """At 8B each is 2 GiB in float32: the writer must never hold two (a GGUF source's conversion peaked at 8.6 GiB)."""
+@pytest.mark.parametrize("job", ["convert", "quantize"])
+def test_embeddings_and_head_are_read_and_written_one_at_a_time(tmp_path, monkeypatch, job):
+    """At 8B each is 2 GiB in float32: the writer must never hold two (a GGUF source's conversion peaked at 8.6 GiB,
+    quantize held a whole shard)."""
     src = build_dense("llama", tmp_path / "dense", tie_word_embeddings=False)
     events = []
     read, write = readers.CheckpointReader.get, StreamingShard.write
     monkeypatch.setattr(readers.CheckpointReader, "get", lambda self, name: events.append(("read", name)) or read(self, name))
     monkeypatch.setattr(StreamingShard, "write", lambda self, name, t: events.append(("write", name)) or write(self, name, t))
-    convert(str(src), tmp_path / "out", load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "refit": False}))
+    if job == "convert":
+        convert(str(src), tmp_path / "out", load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "refit": False}))
+    else:
+        quantize(str(src), tmp_path / "out", load_quant_recipe(None, {"method": "rtn", "bits": "4", "group_size": 8}))
+        layer = [name for kind, name in events if kind == "write" and name.startswith("model.layers.")]
+        assert layer == sorted(layer) and any(n.endswith(".qweight") for n in layer)  # layer by layer, packed as they come
     globals_ = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     sequence = [e for e in events if e[1] in globals_]
     assert sorted(sequence[0::2]) == sorted(("read", n) for n in globals_)

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from moeconv.dtypes import FROM_SAFETENSORS_CODE
 from moeconv.errors import CheckpointError, MoeconvError
 from moeconv.io import registration  # noqa: F401 - AutoConfig knows 'moeconv'
 from moeconv.io.files import sha256_file
@@ -35,6 +36,10 @@ class CheckpointReader(ABC):
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `get(name)` returns, without reading the tensor."""
 
     @abstractmethod
     def _read(self, name: str) -> torch.Tensor: ...
@@ -137,6 +142,12 @@ class SafetensorsReader(CheckpointReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._files[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._open(self._files[name]).get_slice(name).get_dtype()
+        if code not in FROM_SAFETENSORS_CODE:
+            raise CheckpointError(f"tensor '{name}' has dtype {code}, which moeconv does not read; convert it to float32 or bfloat16")
+        return FROM_SAFETENSORS_CODE[code]
+
     def _read(self, name: str) -> torch.Tensor:
         # safetensors hands out tensors backed by a memory map of the whole file; pages they touch stay
         # resident (and count as ours) while any handle maps the file. A private copy from a handle that
@@ -182,6 +193,9 @@ class TorchBinReader(CheckpointReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._load(self._files[name])[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._load(self._files[name])[name].dtype
+
     def _read(self, name: str) -> torch.Tensor:
         state = self._load(self._files[name])
         if name not in state:
@@ -222,6 +236,9 @@ class GGUFReader(CheckpointReader):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._gguf.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.float32  # every type is dequantized on reading
 
     def _read(self, name: str) -> torch.Tensor:
         return self._gguf.read(name)
