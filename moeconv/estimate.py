@@ -1,8 +1,8 @@
 """What one layer of `convert` costs before it runs: peak memory by part, and floating-point work by stage.
 
-Memory (bytes, CPU): what the whole run holds (the base model's non-layer weights in float32, the calibration
-hidden states and captured FFN inputs, the layer's FFN as read) plus the largest step (see layer_memory), or the
-load of the embeddings where that is larger. The constants were fitted to per-step peaks (VmHWM) of a 2-layer
+Memory (bytes, CPU): what every layer holds (the calibration hidden states and captured FFN inputs, the layer's FFN
+as read) plus the largest step (see layer_memory), or embedding the calibration windows where that is larger (the
+base model's non-layer weights in float32 and the load of the largest; they are released once the windows are embedded). The constants were fitted to per-step peaks (VmHWM) of a 2-layer
 Llama-3-8B-shaped conversion at 4096 tokens; the refit's accumulator and factors follow moeconv.refit (rows
 [T, N + d] and T x T matrices when T < N, else the N x N Gram matrix and a factor, in float64 where auto widens). The work per layer counts the matrix
 products of capture, partition, router and refit; seconds = work / a FLOP rate measured on the device (an estimate:
@@ -47,7 +47,7 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
                  layer_out_bytes: int, output_global_bytes: int) -> dict[str, int]:
     """Peak bytes by part with `tokens` calibration tokens (0: no calibration); the parts sum to the peak.
 
-    What every layer holds (process, float32 embeddings, calibration states, the layer's FFN as read) plus the
+    What every layer holds (process, calibration states, the layer's FFN as read) plus the
     largest of what the steps hold one after another: loading the embeddings, capture (the decoder layer in
     float32 and a batch's FFN activations), partition/router ([T, d_ff] activations), refit (its float32 FFN,
     accumulator, factors and a chunk's activations), writing (the MoE block and the output tensors)."""
@@ -60,7 +60,7 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
         return parts
     # dense stream, its FFN inputs, the next states; converted inputs add that stream and the gap to the dense one
     states = 5 if recipe.calibration.inputs == "converted" else 3
-    parts.update({"embeddings (float32)": outside * 4, "calibration states": states * tokens * d * 4, "FFN as read": ffn_source_bytes})
+    parts.update({"calibration states": states * tokens * d * 4, "FFN as read": ffn_source_bytes})
     steps = {"capture (layer float32 + activations)": layer * 4 + 3 * min(tokens, CAPTURE_BATCH * recipe.calibration.seqlen) * d_ff * 4,
              "partition/router activations": ffn32 + ACTIVATION_ARRAYS * tokens * d_ff * 4,
              "write (MoE block + output)": ffn32 + 2 * layer_out_bytes}
@@ -84,7 +84,7 @@ def layer_memory(recipe: ConvertRecipe, tokens: int, d: int, d_ff: int, sizes: t
     step = max(steps, key=steps.get)  # the steps run one after another: only the largest counts
     parts[step] = steps[step]
     loading = LOAD_TRANSIENT * largest * 4
-    if loading > sum(parts.values()) - BASE_BYTES - outside * 4:  # the peak is while the embeddings load
+    if outside * 4 + loading > sum(parts.values()) - BASE_BYTES:  # the peak is while the windows are embedded
         parts = {"process": BASE_BYTES, "embeddings (float32)": outside * 4, "loading the embeddings": int(loading)}
     return parts
 

@@ -20,6 +20,7 @@ from moeconv.calib.sources import load_text
 from moeconv.config import QuantRecipe, QuantSpec, parse_size
 from moeconv.dtypes import DTYPES, itemsize_of_code, output_dtype
 from moeconv.errors import CheckpointError, RecipeError
+from moeconv.estimate import BASE_BYTES, LOAD_TRANSIENT, weight_sizes
 from moeconv.io.adapters import adapter_for
 from moeconv.io.layout import output_config
 from moeconv.io.load import load_tokenizer
@@ -40,7 +41,15 @@ from moeconv.modeling.hf.quant_linear import LAYOUT_VERSION, SUB1_BLOCK_ROWS, SU
 from moeconv.quant import sub1
 from moeconv.quant.grids import QuantizedTensor
 from moeconv.quant.packing import format_dict, pack, stored_bits_of_format, unpack
-from moeconv.quant.pipeline import LayerResult, per_expert_modules, quantizable, quantize_layer, rtn_layer, weight_of
+from moeconv.quant.pipeline import (
+    GPTQ_BATCH_BYTES,
+    LayerResult,
+    per_expert_modules,
+    quantizable,
+    quantize_layer,
+    rtn_layer,
+    weight_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +150,7 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         stored_bits += bits
     n_weights = sum(r * c for r, c in modules.values())
     calib = recipe.calibration.tokens if recipe.needs_calibration else 0
-    d = int(reader.config.hidden_size)
-    layer_bytes = max(unit_bytes[1:], default=0) * 8
-    peak = layer_bytes + calib * d * 4 * 3 + max(parse_size(recipe.max_shard_size), max(unit_bytes)) + unit_bytes[0]
+    peak = _peak_bytes(reader, prefix, calib, recipe.method == "gptq")
     plan = QuantizePlan(
         source=src, kind=kind, family=reader.config.model_type if kind == "dense" else reader.config.base_config["model_type"],
         layers=layers, format=spec.format, group_size=spec.group_size, float_zeros=spec.float_zeros, method=recipe.method, dtype=dtype,
@@ -152,6 +159,20 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,
     )
     return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton, "spec": spec}
+
+
+def _peak_bytes(reader: CheckpointReader, prefix: str, calib: int, gptq: bool) -> int:
+    """Planned peak: the process and the calibration states (the stream, a layer's outputs, the copy saved for --resume)
+    plus the largest of what runs one after another: embedding the windows (the base model's non-layer weights in
+    float32 and the load of the largest), quantizing a layer (its weights in float32 and their dequantized
+    replacements, one GPTQ call's working set). Measured at 8B width (int4, 4096 tokens): 5.34 GiB embedding the
+    windows (estimate 5.4), at most 3.7 GiB in a layer (estimate 3.2)."""
+    outside, largest, layer = weight_sizes(reader, prefix)
+    steps = [layer * 4 * 2 + (GPTQ_BATCH_BYTES if gptq else 0)]
+    if calib:
+        steps.append(outside * 4 + LOAD_TRANSIENT * largest * 4)
+    states = 3 * calib * int(reader.config.hidden_size) * 4
+    return int(BASE_BYTES + states + max(steps))
 
 
 def quantize(
@@ -176,9 +197,11 @@ def quantize(
     check_destination(src, out, force)
     scratch = plan.calibration_tokens * int(reader.config.hidden_size) * 4  # the hidden states kept for --resume
     check_disk(out, plan.output_bytes + scratch, resume)
-    check_memory(plan.peak_bytes_estimate, f"{plan.calibration_tokens} calibration tokens, the largest layer and a shard",
-                 "lower --calib-tokens or --max-shard-size, or free memory" if plan.calibration_tokens else
-                 "lower --max-shard-size, or free memory")
+    if plan.calibration_tokens:
+        check_memory(plan.peak_bytes_estimate, f"{plan.calibration_tokens} calibration tokens, the float32 embeddings and a layer",
+                     "lower --calib-tokens, or free memory")
+    else:
+        check_memory(plan.peak_bytes_estimate, "a layer in float32", "free memory")
     windows, calib_fp = None, "none"
     if recipe.needs_calibration:
         progress(ProgressEvent("tokenizing calibration text"))
