@@ -89,9 +89,13 @@ class LayerRunner:
         self.layers = self.model.get_submodule(layer0)
         self.layer_prefix = layer0
         self.ffn_suffix = ffn_path.split("{i}.")[1]
-        base = self.model.base_model  # capture runs the base model only: the LM head (2 GiB float32 at 8B) is never read
-        prefix = f"{self.model.base_model_prefix}." if base is not self.model else ""
-        outside = [name for name, _ in base.named_parameters(prefix=prefix.rstrip(".")) if not name.startswith(layer0 + ".")]
+        # Capture stops at the last decoder layer: the LM head (2 GiB float32 at 8B) is never read, unless it is the
+        # input embeddings themselves (tied). By identity, not by name: a moeconv checkpoint's base model is the whole model.
+        head = self.model.get_output_embeddings()
+        embeddings = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        unused = {id(p) for p in head.parameters()} - embeddings if head is not None else set()
+        outside = [name for name, p in self.model.named_parameters()
+                   if not name.startswith(layer0 + ".") and id(p) not in unused]
         for name in outside:
             if reader.has(name):
                 set_module_tensor_to_device(self.model, name, device, value=reader.get(name).float())
