@@ -18,12 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import build_dense, remote_code_logits, sample_text, save_char_tokenizer
-from moeconv.calib.capture import LayerRunner
 from moeconv.config import QuantSpec, load_quant_recipe, load_recipe
 from moeconv.convert import convert
 from moeconv.errors import CheckpointError, DataError, RecipeError
 from moeconv.io.load import load_model
-from moeconv.io.readers import open_checkpoint
 from moeconv.modeling.hf.quant_linear import SUB1_DICTIONARY_KEY, SUB1_PAIR_COUNTS_KEY, QuantLinear, log8_levels
 from moeconv.quant import pipeline, sub1
 from moeconv.quant.grids import dequantize, find_params, quantize_rtn
@@ -217,21 +215,6 @@ def test_experts_split_into_gptq_calls_give_the_same_result(sources, tmp_path, m
             for run in ("whole", "split"))
     codes = [k for k in a if ".experts." in k and k.endswith(".qweight")]
     assert codes and sum(not torch.equal(a[k], b[k]) for k in codes) <= len(codes) // 4  # float ties may flip a code
-
-
-def test_calibration_never_reads_the_lm_head_of_a_moeconv_checkpoint(tmp_path, monkeypatch):
-    """Its base model is the whole model (base_model_prefix ""): the head (2 GiB float32 at 8B) must still stay unread."""
-    dense = build_dense("llama", tmp_path / "dense", tie_word_embeddings=False)
-    moe = tmp_path / "moe"
-    convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "train_router": False, "refit": False,
-                                                "partition.method": "random"}))
-    reader = open_checkpoint(str(moe))
-    read = []
-    get = type(reader).get
-    monkeypatch.setattr(type(reader), "get", lambda self, name: read.append(name) or get(self, name))
-    assert reader.has("lm_head.weight")
-    LayerRunner(reader, None, torch.randint(0, 90, (2, 16)), ffn_path=reader.config.moe["ffn_path"])
-    assert read == ["model.embed_tokens.weight", "model.norm.weight"]
 
 
 def test_dry_run_writes_nothing(sources, tmp_path):
