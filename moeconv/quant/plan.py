@@ -134,8 +134,9 @@ def _peak_bytes(reader: CheckpointReader, prefix: str, calib: int, gptq: bool) -
     """Planned peak: the process and the calibration states (the stream, a layer's outputs, the copy saved for --resume)
     plus the largest of what runs one after another: embedding the windows (the base model's non-layer weights in
     float32 and the load of the largest), quantizing a layer (its weights in float32 and their dequantized
-    replacements, one GPTQ call's working set). Measured at 8B width (int4, 4096 tokens): 5.34 GiB embedding the
-    windows (estimate 5.4), at most 3.7 GiB in a layer (estimate 3.2)."""
+    replacements, one GPTQ call's working set). Measured at 8B width (int4, 4096 tokens, bf16 source): 3.34 GiB
+    embedding the windows (planned 5.47: LOAD_TRANSIENT was fitted to an older loader; a bf16 load costs ~0.5x, not
+    1.5x, its float32 size), at most 3.1-4.05 GiB in a layer (planned 3.2)."""
     outside, largest, layer = weight_sizes(reader, prefix)
     steps = [layer * 4 * 2 + (GPTQ_BATCH_BYTES if gptq else 0)]
     if calib:
