@@ -33,6 +33,7 @@ from moeconv.jobs import (
     check_memory,
     fingerprint,
     provenance,
+    release_freed_memory,
     run_job,
     write_checkpoint_files,
 )
@@ -222,6 +223,7 @@ def _run(reader, adapter, recipe, plan, layout, partial, windows, calib_fp, devi
                             del gap
                     run_layer_stages(ctx, partitioner, lambda stage, i=i: progress(ProgressEvent(stage, i, plan.layers)))
                     metrics[str(i)] = ctx.metrics
+                    release_freed_memory()  # the layer's freed heap pages (moeconv/jobs/malloc.py)
                     progress(ProgressEvent("done", i, plan.layers, ctx.metrics))
                     block = build_block(ctx, layout.d_model)
                     tensors = layout.layer_tensors(i, block)

@@ -28,6 +28,7 @@ from moeconv.jobs import (
     check_memory,
     fingerprint,
     provenance,
+    release_freed_memory,
     run_job,
     write_checkpoint_files,
 )
@@ -124,6 +125,7 @@ def _run(reader, recipe: QuantRecipe, plan: QuantizePlan, ctx: dict, partial: Pa
                 for k in sorted(tensors):
                     shard.write(k, tensors[k])
                 del tensors
+                release_freed_memory()  # the layer's freed heap pages (moeconv/jobs/malloc.py)
                 progress(ProgressEvent("done", i, plan.layers, {"mean_error": _mean_error(metrics[str(i)])}))
             last_layer = max(plan.shards[s]) - 1
             if runner is not None and last_layer + 1 < plan.layers:  # saved before the shard counts as done

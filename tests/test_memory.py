@@ -79,5 +79,18 @@ def test_jobs_keep_large_buffers_mapped_where_glibc_allows(monkeypatch):
     grows); without glibc it changes nothing and says so."""
     if sys.platform.startswith("linux"):
         assert malloc.keep_large_buffers_mapped() is True
+        assert malloc.release_freed_memory() is True  # malloc_trim: a layer's freed heap pages go back
     monkeypatch.setattr(malloc.sys, "platform", "darwin")
     assert malloc.keep_large_buffers_mapped() is False
+    assert malloc.release_freed_memory() is False
+
+
+def test_quantize_releases_freed_memory_after_every_layer(tmp_path, monkeypatch):
+    """At 8B the heap kept 1.2 GiB of freed pages between layers (1.69 GiB RSS, 0.07 GiB of live tensors)."""
+    import moeconv.quantize as quantize_module
+
+    src = build_dense("llama", tmp_path / "dense")
+    calls = []
+    monkeypatch.setattr(quantize_module, "release_freed_memory", lambda: calls.append(1) or True)
+    quantize(str(src), tmp_path / "out", load_quant_recipe(None, {"method": "rtn", "bits": "4", "group_size": 8}))
+    assert len(calls) == AutoModelForCausalLM.from_pretrained(src).config.num_hidden_layers
