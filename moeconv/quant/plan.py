@@ -110,10 +110,11 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         if k not in weights:
             shape = torch.Size(reader.shape(k))
             unit_bytes[unit] += shape.numel() * DTYPES[dtype].itemsize
-    estimate_spec = QuantSpec("ternary") if spec.bits == "sub1" else spec  # sub1 is smaller than ternary
+    # sub1 is written as ternary until every layer is done (quantize._pack_layer), and ends smaller than that
+    written_spec = QuantSpec("ternary") if spec.bits == "sub1" else spec
     stored_bits = 0
     for name, (rows, cols) in modules.items():
-        fmt = format_dict(estimate_spec, rows, cols)
+        fmt = format_dict(written_spec, rows, cols)
         bits = sum(torch.Size(s).numel() * d.itemsize * 8 for s, d in buffer_specs(fmt).values())
         unit_bytes[int(name[len(prefix) + 1 :].split(".")[0]) + 1] += bits // 8
         stored_bits += bits
@@ -127,7 +128,7 @@ def make_plan(src: str, reader: CheckpointReader, recipe: QuantRecipe) -> tuple[
         bits_per_weight_estimate=None if spec.bits == "sub1" else stored_bits / n_weights, unit_bytes=unit_bytes,
         shards=plan_shards(unit_bytes, parse_size(recipe.max_shard_size)), peak_bytes_estimate=peak,
     )
-    return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton, "spec": spec}
+    return plan, {"moe": moe, "prefix": prefix, "unit_of": unit_of, "skeleton": skeleton, "written_spec": written_spec}
 
 
 def _peak_bytes(reader: CheckpointReader, prefix: str, calib: int, gptq: bool) -> int:
@@ -156,7 +157,7 @@ def unit_entries(reader: CheckpointReader, plan: QuantizePlan, ctx: dict, unit: 
             source = reader.dtype(k)
             entries.append((k, tuple(reader.shape(k)), dtype if source.is_floating_point else source))
     layer = f"{ctx['prefix']}.{unit - 1}."
-    spec = QuantSpec("ternary") if plan.format == "sub1" else ctx["spec"]
+    spec = ctx["written_spec"]
     for name, (rows, cols) in plan.modules.items():
         if unit > 0 and name.startswith(layer):
             entries += [(f"{name}.{b}", shape, d) for b, (shape, d) in buffer_specs(format_dict(spec, rows, cols)).items()]
