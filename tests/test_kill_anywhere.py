@@ -5,8 +5,8 @@ write many files (1 KB shards, six layers, a heal checkpoint after every step). 
 measures how long it writes (from taking OUT.lock to OUT's appearing; a run that ends before its kill shortens it); every
 kill point starts the same command, waits for its lock, sleeps a uniformly drawn fraction of that time and sends
 SIGKILL; one `--resume` must then finish with exit 0, the reference's files byte for byte, and nothing else beside OUT
-(no OUT.partial, OUT.lock or temp file). Most kill points must interrupt their run. Windows too short for a random
-instant to hit are reached on purpose at the end of the file.
+(no OUT.partial, OUT.lock or temp file). A kill that lands after its run ended draws again (see ATTEMPTS). Windows
+too short for a random instant to hit are reached on purpose at the end of the file.
 
 The instants come from MOECONV_KILL_SEED (fresh each run, printed in the session header and in every message); a
 failure replays with `MOECONV_KILL_SEED=N`, up to the timing noise of a shared machine. Processes are forked from one
@@ -280,24 +280,35 @@ def resume_and_check(lab: Lab, command: str, out: Path, argv: list[str], where: 
     return not done_before
 
 
+# A point whose kill lands after the run ended tests nothing, and a run on a shared machine may beat the reference's
+# time by a third: such a point draws a new instant (from the shorter time that run measured), at most ATTEMPTS times.
+ATTEMPTS = 4
+
+
 def kill_points(lab: Lab, command: str, points: int, stream: str) -> None:
     rng = random.Random(f"{KILL_SEED}-{stream}-{command}")
     outcomes = []
     for point in range(points):
-        fraction, seconds = rng.random(), lab.reference(command)[1]
-        where = f"{command} kill point {point} (MOECONV_KILL_SEED={KILL_SEED}, {fraction:.3f} x {seconds:.2f} s after OUT.lock)"
-        out, argv, interrupted = start_and_kill(lab, command, f"{command}-{stream}-{point}", fraction * seconds)
-        interrupted = resume_and_check(lab, command, out, argv, where) if interrupted else interrupted
-        if not interrupted:
-            beside = sorted(p.name for p in out.parent.iterdir())
-            assert beside == ["out"] and not differences(out, lab.reference(command)[0]), f"{where}: unlike the reference: {beside}"
-        outcomes.append(f"{fraction:.3f}: {'interrupted' if interrupted else 'finished before the kill'}")
-        print(f"{where}: {outcomes[-1]}", flush=True)
-        shutil.rmtree(out.parent)
-    interrupted = sum(o.endswith("interrupted") for o in outcomes)
-    # A kill after the run ended tests nothing: most must land while it runs, or the measured time is wrong.
-    assert interrupted * 2 > points, f"{command}: only {interrupted} of {points} kills interrupted the run " \
-                                     f"(MOECONV_KILL_SEED={KILL_SEED}): {outcomes}"
+        tried = []
+        for attempt in range(ATTEMPTS):
+            fraction, seconds = rng.random(), lab.reference(command)[1]
+            where = f"{command} kill point {point}.{attempt} (MOECONV_KILL_SEED={KILL_SEED}, {fraction:.3f} x {seconds:.2f} s " \
+                    "after OUT.lock)"
+            out, argv, interrupted = start_and_kill(lab, command, f"{command}-{stream}-{point}-{attempt}", fraction * seconds)
+            interrupted = resume_and_check(lab, command, out, argv, where) if interrupted else interrupted
+            if not interrupted:
+                beside = sorted(p.name for p in out.parent.iterdir())
+                assert beside == ["out"] and not differences(out, lab.reference(command)[0]), f"{where}: unlike the reference: {beside}"
+            tried.append(f"{fraction:.3f} {'interrupted' if interrupted else 'finished before the kill'}")
+            print(f"{where}: {tried[-1]}", flush=True)
+            shutil.rmtree(out.parent)
+            if interrupted:
+                break
+        outcomes.append(tried)
+    # Every point must land while its run writes within ATTEMPTS draws, or the measured time is wrong.
+    missed = [tried for tried in outcomes if not tried[-1].endswith("interrupted")]
+    assert not missed, f"{command}: {len(missed)} of {points} points never interrupted the run in {ATTEMPTS} draws " \
+                       f"(MOECONV_KILL_SEED={KILL_SEED}): {outcomes}"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
