@@ -66,10 +66,10 @@ def row_recipe(method: str, experts: int, top_k: int, args) -> dict:
                               "seqlen": 512}, "seed": args.seed}
     if "shared" in flags:  # one expert's worth of always-active neurons, same active count
         recipe.update(experts=experts - 1, top_k=top_k - 1, shared_neurons=1536 // experts)
-    if "seq" in flags or "seqgap" in flags:  # each layer calibrated on the converted layers' outputs
-        recipe["calibration"]["inputs"] = "converted"
-    if "seqgap" in flags:  # ... and refitted towards the dense layer's output
-        recipe["refit"] = {"target": "layer"}
+    # seq: each layer calibrated on the converted layers' outputs; seqgap: and refitted towards the dense layer's
+    # output (the shipped default); neither: dense inputs, FFN target (the previous pipeline). Both set explicitly.
+    recipe["calibration"]["inputs"] = "converted" if {"seq", "seqgap"} & set(flags) else "dense"
+    recipe["refit"] = {"target": "layer" if "seqgap" in flags else "ffn"}
     if base in TRAINING_FREE:  # the papers' shape SkAkE2E (CMoE's default S2A2E16 at 8x2): experts of d_ff/2E,
         # k of them shared, top-k of the other 2E-k; same active count as the row's E x k
         recipe.update(experts=2 * experts - top_k, shared_neurons=1536 * top_k // (2 * experts), train_router=False)

@@ -10,7 +10,7 @@ process (stage_memory.py: each step's seconds and its own peak RSS), and summari
 mean over the layers converted), the peak RSS, the ratio of each peak to the shallowest source's of the same format,
 the wall time and its projection to --project-layers layers.  --max-layers stops a deep source's conversion after that
 many layers (the projection then comes from them).  --identity converts the first (shallowest) source with
-`--experts 8 --top-k 8 --no-router-training --no-refit` in float32 and compares the logits of a short prompt with the
+`--experts 8 --top-k 8 --method random --no-router-training --no-refit` in float32 and compares the logits of a short prompt with the
 source's.  --kill-resume SIGKILLs a conversion of the first source at a random moment, resumes it, and compares every
 output file byte for byte with the uninterrupted conversion's.
 """
@@ -72,7 +72,7 @@ def convert_staged(src: str, out: Path, tokens: int, experts: int, top_k: int, m
 def identity_check(src: str, work: Path) -> float:
     """Largest relative logit difference between the source and its 8-experts-top-8 conversion (float32)."""
     out = work / "identity"
-    subprocess.run([*CLI, "convert", src, str(out), "--experts", "8", "--top-k", "8", "--no-router-training",
+    subprocess.run([*CLI, "convert", src, str(out), "--experts", "8", "--top-k", "8", "--method", "random", "--no-router-training",
                     "--no-refit", "--dtype", "float32", "--force", "-q"], check=True)
     code = (
         "import sys, torch\n"

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from moeconv.cli.common import emit_json, guarded, key_value_table, layer_progress, setup_logging, stdout
-from moeconv.config import RefitConfig, load_recipe
+from moeconv.config import ConvertRecipe, load_recipe
 from moeconv.convert import ConvertPlan, convert
 from moeconv.io.load import resolve_device
 
@@ -47,10 +47,10 @@ def _time_row(plan: ConvertPlan) -> str:
 def convert_command(
     src: Annotated[str, typer.Argument(help="dense model: a folder, a .gguf file, or a Hub id when online")],
     out: Annotated[Path, typer.Argument(help="output folder (written to OUT.partial/ first)")],
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe, e.g. configs/dot-moe.yaml")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (default: the fields of configs/dot-moe.yaml)")] = None,
     experts: Annotated[int | None, typer.Option(help="number of experts E")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="experts per token k")] = None,
-    method: Annotated[str | None, typer.Option(help="partitioner: dot, coact, kmeans, random, cmoe, expertweaver (any registered)")] = None,
+    method: Annotated[str | None, typer.Option(help="partitioner: dot (default), coact, kmeans, random, cmoe, expertweaver (any registered)")] = None,
     shared_neurons: Annotated[int | None, typer.Option(help="always-active neurons")] = None,
     scoring: Annotated[str | None, typer.Option(help="router scoring: none, softmax, sigmoid")] = None,
     calib: Annotated[str | None, typer.Option(help="calibration text: built-in corpus, file or folder")] = None,
@@ -87,8 +87,8 @@ def convert_command(
     if heal_tokens is not None or heal_source is not None:
         overrides.update({"heal.tokens": heal_tokens, "heal.source": heal_source or calib})
     resolved = load_recipe(recipe, overrides)
-    if refit is not None and (resolved.refit is not None) != refit:  # the flag wins over the recipe
-        resolved = resolved.model_copy(update={"refit": RefitConfig() if refit else None})
+    if refit is not None and (resolved.refit is not None) != refit:  # the flag wins over the recipe; validated again
+        resolved = ConvertRecipe.model_validate({**resolved.model_dump(mode="json"), "refit": refit})
     with layer_progress(enabled=not (quiet or json_out or dry_run)) as progress:
         result = convert(src, out, resolved, force=force, resume=resume, dry_run=dry_run,
                          device=resolve_device(device), progress=progress)

@@ -34,7 +34,8 @@ def heal_models(root: Path) -> dict:
     moe = root / "moe"
     # Without the refit: the heal tests need a student far from its teacher (the refit alone closes much of the gap).
     convert(str(dense), moe, load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(train),
-                                                "calibration.tokens": 512, "calibration.seqlen": 64, "refit": False}))
+                                                "calibration.tokens": 512, "calibration.seqlen": 64, "refit": False,
+                                                "partition.method": "random", "calibration.inputs": "dense"}))
     tok = load_tokenizer(moe)
     held = torch.tensor(tok(sample_text(6000, seed=7))["input_ids"][: 16 * SEQ]).view(16, SEQ)
     return {"root": root, "dense": dense, "moe": moe, "train": train, "tok": tok, "held": held}

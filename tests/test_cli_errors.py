@@ -29,7 +29,7 @@ def assert_user_error(result, *needles: str) -> None:
 
 
 def ident(*extra: str) -> list[str]:
-    return ["--experts", "4", "--top-k", "4", "--no-router-training", "-q", *extra]
+    return ["--experts", "4", "--top-k", "4", "--no-router-training", "--method", "random", "-q", *extra]
 
 
 def test_missing_path(tmp_path):
@@ -169,7 +169,7 @@ def test_no_space_left(dense_models, tmp_path, monkeypatch):
 
 def test_dry_run_prints_plan(dense_models, tmp_path):
     result = run("convert", str(dense_models["llama"]), str(tmp_path / "out"), "--experts", "4", "--top-k", "2",
-                 "--no-router-training", "--no-refit", "--dry-run", "--json")
+                 "--no-router-training", "--method", "random", "--no-refit", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["experts"] == 4 and plan["layers"] == 2 and plan["peak_bytes_estimate"] > 0

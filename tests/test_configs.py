@@ -39,4 +39,11 @@ def test_a_heal_block_without_a_source_heals_on_the_calibration_text():
     assert recipe.heal.source == "mix"
     explicit = load_recipe(None, {"calibration.source": "mix", "heal.tokens": 4096, "heal.source": "shakespeare"})
     assert explicit.heal.source == "shakespeare"
-    assert load_recipe(None, {"heal.tokens": 4096}).heal.source == "shakespeare"  # the calibration default
+    assert load_recipe(None, {"heal.tokens": 4096}).heal.source == "mix"  # the calibration default
+
+
+def test_the_flag_defaults_are_the_shipped_default_recipe():
+    """`moeconv convert SRC OUT` without --recipe runs configs/dot-moe.yaml, the conversion that RESULTS.md measured."""
+    shipped = load_recipe(Path(__file__).parent.parent / "configs" / "dot-moe.yaml")
+    assert load_recipe(None).model_dump() == shipped.model_dump()
+    assert shipped.partition.method == "dot" and (shipped.experts, shipped.top_k) == (8, 4)

@@ -14,7 +14,7 @@ from moeconv.convert import convert
 from moeconv.inspect import inspect_checkpoint
 from moeconv.io.load import load_model
 
-IDENTITY = {"experts": 4, "top_k": 4, "train_router": False}
+IDENTITY = {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random"}
 
 def _ids() -> torch.Tensor:
     return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -46,7 +46,7 @@ def test_identity_conversion_is_exact_for_every_family(dense_models, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_sparse_model_is_valid_and_generates(dense_models, tmp_path, family):
     out = tmp_path / "moe"
-    recipe = load_recipe(None, {"experts": 6, "top_k": 2, "train_router": False}).model_copy(update={"refit": None})
+    recipe = load_recipe(None, {"experts": 6, "top_k": 2, "train_router": False, "partition.method": "random"}).model_copy(update={"refit": None})
     convert(str(dense_models[family]), out, recipe)
     model = load_model(out, device="cpu")
     with torch.no_grad():

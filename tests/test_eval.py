@@ -215,7 +215,7 @@ def test_converted_checkpoint_native_and_remote_code(tmp_path, dense_dir, text_f
     convert_mod = pytest.importorskip("moeconv.convert", reason="moeconv convert is not available yet")
     from moeconv.config import load_recipe
 
-    recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "calibration.source": str(text_file),
+    recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random", "calibration.source": str(text_file),
                                 "calibration.tokens": 256, "calibration.seqlen": 64})
     convert_mod.convert(str(dense_dir), tmp_path / "moe", recipe)
     settings = EvalSettings(data=str(text_file), seqlen=64, device="cpu", max_tokens=64 * 8)

@@ -71,7 +71,7 @@ def sources(tmp_path_factory):
 
 
 def moe(sources, family: str, out, **recipe):
-    fields = {"experts": 4, "top_k": 2, "train_router": False,
+    fields = {"experts": 4, "top_k": 2, "train_router": False, "partition.method": "random",
               "calibration": {"source": str(sources["text"]), "tokens": 1024, "seqlen": 64}, **recipe}
     # shared neurons are picked on calibration text, which convert captures only for a stage that needs it: the refit
     refit = fields.pop("refit", False) or bool(fields.get("shared_neurons"))
@@ -181,7 +181,7 @@ def test_what_a_target_cannot_hold_is_a_one_line_error(sources, dense_models, tm
     one_line_error([str(unnormalized), str(out), "--to", "mixtral"], "always renormalizes", "dot-moe-softmax.yaml", out=out)
     for family, needle in (("qwen3", "q/k RMSNorm"), ("gpt2", "non-gated GELU"), ("gemma2", "GeGLU")):
         ckpt = tmp_path / f"{family}-moe"
-        convert(str(dense_models[family]), ckpt, load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False}))
+        convert(str(dense_models[family]), ckpt, load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random"}))
         one_line_error([str(ckpt), str(out), "--to", "qwen2_moe"], f"cannot hold a {family} model", needle, "trust_remote_code", out=out)
     for field, value, needle in (("dag", {"d_g": 8, "rounds": 2}, "DAG-MoE"),
                                  ("quant", {"modules": {"x": {"format": "sub1"}}}, "sub1")):

@@ -47,7 +47,7 @@ def sources(tmp_path_factory):
 
 
 def moe(sources, family: str, out, **recipe):
-    fields = {"experts": 4, "top_k": 2, "train_router": False,
+    fields = {"experts": 4, "top_k": 2, "train_router": False, "partition.method": "random",
               "calibration": {"source": str(sources["text"]), "tokens": 1024, "seqlen": 64}, **recipe}
     convert(str(sources[family]), out, load_recipe(None, fields))  # the refit runs: it also captures for shared neurons
     return out
@@ -174,7 +174,7 @@ def test_vocab_comes_from_the_source_gguf(sources, tmp_path):
     export(sources["llama"], tmp_path / "dense-gguf", "gguf")
     source_fields, _ = read_gguf(tmp_path / "dense-gguf")
     ckpt = tmp_path / "moe"
-    convert(str(tmp_path / "dense-gguf" / "model.gguf"), ckpt, load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False}))
+    convert(str(tmp_path / "dense-gguf" / "model.gguf"), ckpt, load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random"}))
     result = export(ckpt, tmp_path / "moe-gguf", "gguf")
     assert any("copied from model.gguf" in n for n in result["notes"])
     fields, _ = read_gguf(tmp_path / "moe-gguf")

@@ -249,7 +249,8 @@ def test_cli_heal_writes_student_format_and_resumes(models, tmp_path):
 
 def _convert_heal_recipe(models, heal_tokens: int):
     return load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 30, "calibration.source": str(models["train"]),
-                              "calibration.tokens": 512, "calibration.seqlen": 64,
+                              "calibration.tokens": 512, "calibration.seqlen": 64, "partition.method": "random",
+                              "calibration.inputs": "dense",
                               "heal": {"tokens": heal_tokens, "seqlen": SEQ, "batch": 4, "micro_batch": 2, "lr": 3e-3,
                                        "warmup": 0.1, "kl_weight": 1.0, "ce_weight": 0.0, "source": str(models["train"]),
                                        "checkpoint_every": 0}})

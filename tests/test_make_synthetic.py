@@ -86,7 +86,7 @@ def test_identity_conversion_reproduces_the_dense_logits(made, source, tmp_path)
     src = Path(made["out"]) if source == "safetensors" else Path(made["gguf"])
     out = tmp_path / "moe"
     result = CliRunner().invoke(app, ["convert", str(src), str(out), "--experts", "4", "--top-k", "4",
-                                      "--no-router-training", "--calib-tokens", "512", "-q"])
+                                      "--no-router-training", "--method", "random", "--calib-tokens", "512", "-q"])
     assert result.exit_code == 0, result.output
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

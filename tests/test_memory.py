@@ -38,7 +38,7 @@ def _build(folder, layers: int, hidden: int = 512, ffn: int = 2048) -> int:
 
 def _peak_gib(src, out) -> float:
     cmd = [sys.executable, "-m", "moeconv.cli.app", "convert", str(src), str(out), "--experts", "8", "--top-k", "2",
-           "--no-router-training", "--no-refit", "--max-shard-size", "200MB", "-q", "--force"]
+           "--no-router-training", "--method", "random", "--no-refit", "--max-shard-size", "200MB", "-q", "--force"]
     result = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stdout.strip().splitlines()[-1]) / 2**20
@@ -63,7 +63,7 @@ def test_embeddings_and_head_are_read_and_written_one_at_a_time(tmp_path, monkey
     monkeypatch.setattr(readers.CheckpointReader, "get", lambda self, name: events.append(("read", name)) or read(self, name))
     monkeypatch.setattr(StreamingShard, "write", lambda self, name, t: events.append(("write", name)) or write(self, name, t))
     if job == "convert":
-        convert(str(src), tmp_path / "out", load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "refit": False}))
+        convert(str(src), tmp_path / "out", load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random", "refit": False}))
     else:
         quantize(str(src), tmp_path / "out", load_quant_recipe(None, {"method": "rtn", "bits": "4", "group_size": 8}))
         layer = [name for kind, name in events if kind == "write" and name.startswith("model.layers.")]

@@ -39,7 +39,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     out["text"] = root / "calib.txt"
     out["text"].write_text(sample_text())
     out["moe"] = root / "moe"
-    convert(str(out["llama"]), out["moe"], load_recipe(None, {"experts": 4, "top_k": 2, "train_router": False}).model_copy(update={"refit": None}))
+    convert(str(out["llama"]), out["moe"], load_recipe(None, {"experts": 4, "top_k": 2, "train_router": False, "partition.method": "random"}).model_copy(update={"refit": None}))
     return out
 
 

@@ -24,7 +24,7 @@ from conftest import build_dense, sample_text, save_char_tokenizer
 from moeconv.cli.app import app
 
 runner = CliRunner()
-IDENTITY = ["--experts", "4", "--top-k", "4", "--no-router-training", "-q"]
+IDENTITY = ["--experts", "4", "--top-k", "4", "--no-router-training", "--method", "random", "-q"]
 
 
 def run(*args: str):
@@ -308,7 +308,8 @@ def test_generation_config_is_carried(src, tmp_path):
 def test_identity_needs_no_calibration_text(src, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (src / name).unlink()
-    result = run("convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "4", "--calib", str(tmp_path / "none.txt"), "-q")
+    result = run("convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "4", "--method", "random",
+                 "--calib", str(tmp_path / "none.txt"), "-q")
     assert result.exit_code == 0, result.output
     result = run("convert", str(src), str(tmp_path / "out2"), "--experts", "4", "--top-k", "2", "-q")
     one_line_error(result.output, 2, result.exit_code, "calibration needs a tokenizer", "has no tokenizer")
@@ -318,7 +319,7 @@ def test_shared_neurons_without_router_training_gets_its_calibration(src, tmp_pa
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(8000))
     result = run("convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2", "--shared-neurons", "8",
-                 "--no-router-training", "--no-refit", "--calib", str(text), "--calib-tokens", "512", "--seqlen", "32", "-q")
+                 "--no-router-training", "--method", "random", "--no-refit", "--calib", str(text), "--calib-tokens", "512", "--seqlen", "32", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["moe"]["shared_size"] == 8
 
@@ -362,7 +363,7 @@ def test_resume_refuses_a_changed_config(src, tmp_path):
     from moeconv.io.readers import open_checkpoint
     from moeconv.jobs import fingerprint
 
-    recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False})
+    recipe = load_recipe(None, {"experts": 4, "top_k": 4, "train_router": False, "partition.method": "random"})
     before = fingerprint(open_checkpoint(src), recipe, "none")
     _edit_config(src, rms_norm_eps=1e-3)
     assert fingerprint(open_checkpoint(src), recipe, "none") != before

@@ -30,7 +30,8 @@ def source(tmp_path):
 
 def _recipe(text, tokens=2048):
     return load_recipe(None, {"experts": 4, "top_k": 2, "router.steps": 2, "calibration.source": str(text),
-                              "calibration.tokens": tokens, "calibration.seqlen": 64})
+                              "calibration.tokens": tokens, "calibration.seqlen": 64, "partition.method": "random",
+                              "calibration.inputs": "dense"})
 
 
 def _nothing_written(out):
@@ -61,7 +62,7 @@ def test_not_enough_memory_names_the_calibration_budget_that_fits(source, tmp_pa
         monkeypatch.setattr(module, "available_memory", lambda: free)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["convert", str(src), str(out), "--experts", "4", "--top-k", "2", "--calib", str(text),
-                                      "--calib-tokens", "2048", "--seqlen", "64"])
+                                      "--calib-tokens", "2048", "--seqlen", "64", "--method", "random", "--calib-inputs", "dense"])
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]  # progress lines come first on the terminal
     assert line.startswith("error: not enough memory"), result.output
@@ -82,8 +83,9 @@ def test_dry_run_predicts_memory_by_part_and_time_per_layer(source, tmp_path):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["peak_bytes_estimate"] == sum(plan["memory_parts"].values())
-    assert plan["memory_parts"]["calibration states"] == 3 * 2048 * plan["d_model"] * 4
-    assert set(plan["layer_flops"]) == {"capture", "router", "refit"}  # the default partition (random) reads no tokens
+    # the default: converted inputs carry a second stream, and the dot partition trains on the tokens
+    assert plan["memory_parts"]["calibration states"] == 5 * 2048 * plan["d_model"] * 4
+    assert set(plan["layer_flops"]) == {"capture", "partition", "router", "refit"}
     assert plan["flop_rate"] > 1e8
     assert plan["seconds_per_layer_estimate"] == pytest.approx(sum(plan["layer_flops"].values()) / plan["flop_rate"])
     table = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2",
@@ -98,6 +100,7 @@ def test_converted_inputs_plan_two_streams(source, tmp_path):
     dense = convert(str(src), tmp_path / "x", _recipe(text), dry_run=True)
     conv = convert(str(src), tmp_path / "x", _recipe(text).model_copy(update={
         "calibration": _recipe(text).calibration.model_copy(update={"inputs": "converted"})}), dry_run=True)
+    assert _recipe(text).calibration.inputs == "dense"
     assert conv.memory_parts["calibration states"] == 5 * 2048 * conv.d_model * 4
     assert conv.scratch_bytes == 2 * dense.scratch_bytes
     assert conv.layer_flops["capture"] == pytest.approx(3 * dense.layer_flops["capture"])

@@ -46,7 +46,8 @@ class HealConfig(BaseModel):
     eval_tokens: int = Field(0, ge=0, description="held-out tokens measured every eval_every steps (windows of seqlen)")
     eval_source: str = Field("shakespeare:heldout", description="held-out text of the eval_every measurements")
     seed: int = 0
-    source: str = Field("shakespeare", description="training text: built-in corpus, file or folder (never a held-out split)")
+    source: str = Field("mix", description="training text: built-in corpus, file or folder (never a held-out split); "
+                                           "the default is convert's calibration mix")
     text_field: str = "text"
 
     @model_validator(mode="after")

@@ -17,6 +17,13 @@ TERNARY_FORMATS = ("ternary", "sub1")
 FORMATS = tuple(f"int{b}" for b in INT_BITS) + TERNARY_FORMATS
 
 
+class QuantCalibrationSpec(CalibrationSpec):
+    """Shakespeare's train split by default, as every quantization table in RESULTS.md was calibrated (convert's
+    default is the mix, which has not been measured for GPTQ)."""
+
+    source: str = "shakespeare"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize to: `bits` is 8/4/3/2 or "ternary"/"sub1" (sub1 = ternary grid + dictionary code).
@@ -115,7 +122,7 @@ class QuantRecipe(Strict):
     act_order: bool = False
     clip_search: float = Field(0.0, ge=0, lt=1)  # intN: try each group's range shrunk down to (1 - this); 0 = min/max
     block_size: int = Field(128, ge=1)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    calibration: QuantCalibrationSpec = Field(default_factory=QuantCalibrationSpec)
     batch_size: int = Field(8, ge=1)  # calibration windows per forward
     min_expert_tokens: int = Field(128, ge=0)
     sparse_experts: Literal["pooled", "rtn"] = "pooled"

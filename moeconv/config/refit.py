@@ -22,10 +22,11 @@ class RefitConfig(BaseModel):
                             "for it (condition bound above 1.6e4), then float64 for that candidate; float64 = the old "
                             "all-float64 path")
     target: Literal["ffn", "layer"] = Field(
-        "ffn", description="what the refitted FFN reproduces: ffn = the dense FFN on the same inputs; layer = the dense "
+        "layer", description="what the refitted FFN reproduces: ffn = the dense FFN on the same inputs; layer = the dense "
                            "model's layer output, so the FFN also undoes the error that the converted layers before it "
-                           "left (needs calibration.inputs: converted; families that normalize the FFN output before "
-                           "the residual add, olmo2 and gemma2/3, fall back to ffn)")
+                           "left (needs calibration.inputs: converted; unset, it is ffn when the inputs are dense; "
+                           "families that normalize the FFN output before the residual add, olmo2 and gemma2/3, fall "
+                           "back to ffn)")
     chunk: int = Field(4096, ge=1, description="tokens per accumulation chunk (bounds memory)")
 
     @field_validator("damp", mode="before")

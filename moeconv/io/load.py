@@ -74,8 +74,8 @@ def load_tokenizer(path: str | Path, tokenizer: str | None = None, purpose: str 
         reason = _tokenizer_problem(Path(folder), err)
         if purpose:
             raise CheckpointError(f"{purpose} needs a tokenizer, and {tokenizer or path} {reason}; add the source model's "
-                                  "tokenizer files to that folder (or pass --no-router-training --no-refit with --top-k equal "
-                                  "to --experts, which needs no text)") from None
+                                  "tokenizer files to that folder (or pass --method random --no-router-training --no-refit with "
+                                  "--top-k equal to --experts, which needs no text)") from None
         raise CheckpointError(f"{tokenizer or path} {reason}; pass --tokenizer PATH pointing at one") from None
 
 
