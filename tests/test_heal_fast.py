@@ -24,7 +24,7 @@ from moeconv.heal import distill_metrics, heal
 from moeconv.heal.fast import batched_experts, fast_distill_loss
 from moeconv.heal.groups import straight_through_routing
 from moeconv.heal.objective import distill_loss, training_windows
-from moeconv.heal.train import lr_factor
+from moeconv.heal.train import lr_factor, mixed_precision
 from moeconv.io.load import load_model
 
 
@@ -216,3 +216,15 @@ def test_distill_metrics_chunked_equal_the_full_logits(models, monkeypatch):
     assert chunked_metrics["tokens"] == full["tokens"] == 4 * SEQ and full["kl"] > 0.05
     for key in ("kl", "ppl", "teacher_ppl"):
         assert chunked_metrics[key] == pytest.approx(full[key], rel=1e-5), key
+
+
+def test_auto_precision_is_bf16_only_where_onednn_has_native_bf16(monkeypatch):
+    fast, reference = HealConfig(), HealConfig(engine="reference")
+    assert mixed_precision(fast, cpu=False) == "bf16" and mixed_precision(HealConfig(mixed_precision="no"), cpu=False) == "no"
+    assert mixed_precision(reference, cpu=True) == "no"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # forcing the AVX2 path: oneDNN would emulate bf16, slower than float32
+    assert mixed_precision(fast, cpu=True) == "no"
+    assert mixed_precision(HealConfig(mixed_precision="bf16"), cpu=True) == "bf16"  # asked for: kept
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert mixed_precision(fast, cpu=True) == ("bf16" if native else "no")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -75,13 +76,20 @@ def lr_factor(step: int, steps: int, config: HealConfig) -> float:
     return 1.0 if left > decay else config.min_lr_ratio + (1 - config.min_lr_ratio) * (left - 1) / decay
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below its first native bf16 matmuls (avx512_core_bf16, avx2_vnni_2).
+_NO_BF16_ISAS = {"sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni"}
+
+
 def mixed_precision(config: HealConfig, cpu: bool) -> str:
-    """auto: bf16 on CUDA; on a CPU only for the fast engine and only where oneDNN has native bf16 matmuls."""
+    """auto: bf16 on CUDA; on a CPU only for the fast engine and only where oneDNN has native bf16 matmuls — the CPU's
+    and, when ONEDNN_MAX_CPU_ISA caps oneDNN below them (as forcing the AVX2 path does), not then: emulated bf16 is
+    slower than float32."""
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if not cpu:
         return "bf16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() in _NO_BF16_ISAS
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not capped
     return "bf16" if config.engine == "fast" and native else "no"
 
 
