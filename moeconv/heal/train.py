@@ -81,9 +81,9 @@ _NO_BF16_ISAS = {"sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_cor
 
 
 def mixed_precision(config: HealConfig, cpu: bool) -> str:
-    """auto: bf16 on CUDA; on a CPU only for the fast engine and only where oneDNN has native bf16 matmuls — the CPU's
-    and, when ONEDNN_MAX_CPU_ISA caps oneDNN below them (as forcing the AVX2 path does), not then: emulated bf16 is
-    slower than float32."""
+    """auto: bf16 on CUDA; on a CPU only for the fast engine, and only where oneDNN runs bf16 matmuls natively: the CPU
+    has them and ONEDNN_MAX_CPU_ISA (set when the AVX2 path is forced) does not cap oneDNN below them, since emulated
+    bf16 is slower than float32."""
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if not cpu:
