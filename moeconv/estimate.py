@@ -3,8 +3,9 @@
 Memory (bytes, CPU): what every layer holds (the calibration hidden states and captured FFN inputs, the layer's FFN
 as read) plus the largest step (see layer_memory), or embedding the calibration windows where that is larger (the
 base model's non-layer weights in float32 and the load of the largest; they are released once the windows are
-embedded). The constants were fitted to per-step peaks (VmHWM) of a 2-layer Llama-3-8B-shaped conversion at 4096 tokens; the refit's accumulator and factors follow moeconv.refit (rows
-[T, N + d] and T x T matrices when T < N, else the N x N Gram matrix and a factor, in float64 where auto widens). The work per layer counts the matrix
+embedded). The constants were fitted to per-step peaks (VmHWM) of a 2-layer Llama-3-8B-shaped conversion at 4096
+tokens; the refit's accumulator and factors follow moeconv.refit (rows [T, N + d] and T x T matrices when T < N, else
+the N x N Gram matrix and a factor, in float64 where auto widens). The work per layer counts the matrix
 products of capture, partition, router and refit; seconds = work / a FLOP rate measured on the device (an estimate:
 elementwise work, the optimizer steps and I/O are not counted).
 """
